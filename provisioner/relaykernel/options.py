@@ -1,0 +1,178 @@
+"""Every user-facing setting, as traitlets shared by the provisioner and ``relaykernel launch``."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+
+from traitlets import Bool, Dict, Float, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
+
+from .errors import ConfigError
+from .ssh.destination import Destination, parse_jump_chain
+
+_KERNEL_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def _at_least(name: str, value: float, minimum: float) -> float:
+    if value < minimum:
+        msg = f"{name} = {value!r} is too small: use {minimum:g} or more"
+        raise ConfigError(msg)
+    return value
+
+
+class RelayOptions(LoggingConfigurable):
+    """Where the VM is, how to reach it, and how the remote kernel runs."""
+
+    host = Unicode(
+        "",
+        help="The VM as an SSH destination: a Host alias from ssh config (e.g. 'colab') or "
+        "user@host:port (e.g. 'root@127.0.0.1:7423' as seen from the relay).",
+    ).tag(config=True)
+
+    jump = Unicode(
+        "",
+        help="Jump host(s) in OpenSSH -J form: user@relay[:port][,user@host2…]. Empty: use the "
+        "host's ProxyJump/ProxyCommand from ssh config.",
+    ).tag(config=True)
+
+    ssh_config_file = Unicode(
+        "",
+        help="ssh config file to read (Host aliases, ProxyJump, IdentityFile, …). Empty: ~/.ssh/config.",
+    ).tag(config=True)
+
+    identity_file = Unicode(
+        "",
+        help="Private key to try first, before ssh-agent and the keys ssh config names.",
+    ).tag(config=True)
+
+    accept_unknown_host_keys = Bool(
+        False,
+        help="Trust and record host keys seen for the first time. Off by default: unknown keys are "
+        "refused with the command that trusts them. A changed key is always refused.",
+    ).tag(config=True)
+
+    remote_python = Unicode(
+        "python3",
+        help="Command that runs Python on the VM (words split like a shell would, e.g. "
+        "'/opt/conda/bin/python' or 'conda run -n gpu python'). It must have ipykernel.",
+    ).tag(config=True)
+
+    remote_workdir = Unicode(
+        "~/relaykernel",
+        help="Directory on the VM the kernel runs in; created if missing. '~' is the VM user's home.",
+    ).tag(config=True)
+
+    kernel_module = Unicode(
+        "ipykernel_launcher",
+        help="Python module the remote kernel is started with (python -m MODULE -f CONNECTION_FILE).",
+    ).tag(config=True)
+
+    remote_env = Dict(
+        value_trait=Unicode(),
+        help="Extra environment variables for the remote kernel, e.g. {'CUDA_VISIBLE_DEVICES': '0'}.",
+    ).tag(config=True)
+
+    lease_seconds = Float(
+        600.0,
+        help="The remote kernel shuts itself down when no client has renewed its lease for this long, "
+        "so a vanished laptop leaves no orphan while a network blip kills nothing.",
+    ).tag(config=True)
+
+    connect_timeout_seconds = Float(
+        15.0, help="Time allowed to connect and authenticate to each SSH hop."
+    ).tag(config=True)
+
+    command_timeout_seconds = Float(
+        30.0, help="Time allowed for one remote step (open a channel, run a command, send a signal)."
+    ).tag(config=True)
+
+    launch_timeout_seconds = Float(
+        60.0, help="Time allowed for the remote kernel to start and report its ports."
+    ).tag(config=True)
+
+    liveness_interval_seconds = Float(
+        5.0,
+        help="How often the lease is renewed; a renewal that gets no answer within "
+        "command_timeout_seconds marks the link down and starts a reconnect.",
+    ).tag(config=True)
+
+    reconnect_max_backoff_seconds = Float(
+        10.0, help="Upper bound of the wait between reconnect attempts while the link is down."
+    ).tag(config=True)
+
+    shutdown_wait_seconds = Float(
+        10.0, help="Time a graceful kernel shutdown may take before the kernel is terminated."
+    ).tag(config=True)
+
+    stable_start_seconds = Float(
+        30.0, help="Upper bound for a kernel (re)start to complete over a slow link."
+    ).tag(config=True)
+
+    @validate("host")
+    def _check_host(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"]).strip()
+        if value:
+            Destination.parse(value)
+        return value
+
+    @validate("jump")
+    def _check_jump(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"]).strip()
+        parse_jump_chain(value)
+        return value
+
+    @validate("remote_python")
+    def _check_remote_python(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        try:
+            words = shlex.split(value)
+        except ValueError as error:
+            raise ConfigError(f"remote_python = {value!r} cannot be split into words: {error}") from None
+        if not words:
+            raise ConfigError("remote_python is empty: name the VM's python, e.g. 'python3'")
+        return value
+
+    @validate("kernel_module")
+    def _check_kernel_module(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        if not _KERNEL_MODULE.match(value):
+            raise ConfigError(f"kernel_module = {value!r} is not a Python module name")
+        return value
+
+    @validate("lease_seconds")
+    def _check_lease(self, proposal: dict[str, Any]) -> float:
+        return _at_least("lease_seconds", proposal["value"], 1.0)
+
+    @validate(
+        "connect_timeout_seconds",
+        "command_timeout_seconds",
+        "launch_timeout_seconds",
+        "liveness_interval_seconds",
+        "reconnect_max_backoff_seconds",
+    )
+    def _check_positive(self, proposal: dict[str, Any]) -> float:
+        return _at_least(proposal["trait"].name, proposal["value"], 0.1)
+
+    @default("remote_env")
+    def _default_remote_env(self) -> dict[str, str]:
+        return {}
+
+    def require_host(self) -> Destination:
+        """The VM destination, or a ConfigError saying how to name one."""
+        if not self.host:
+            msg = (
+                "no VM host configured: set 'host' in the kernelspec's provisioner config "
+                "(relaykernel install --host DEST)"
+            )
+            raise ConfigError(msg)
+        return Destination.parse(self.host)
+
+    def python_argv(self) -> list[str]:
+        """The remote python command as words."""
+        return shlex.split(self.remote_python)
+
+    def option_values(self) -> dict[str, Any]:
+        """The configurable values, for writing a kernelspec or logging."""
+        return {name: getattr(self, name) for name in self.class_own_traits(config=True)}

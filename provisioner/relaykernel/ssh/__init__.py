@@ -1,0 +1,1 @@
+"""SSH to the VM through relays: the only package that talks paramiko."""

@@ -1,0 +1,260 @@
+"""An authenticated SSH path to the VM: each hop's Transport runs over the previous hop's channel."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import paramiko
+
+from ..errors import RELAY, VM, ConnectError, ForwardRefused, HopError, LinkDown
+from .auth import authenticate
+from .config import HopSettings
+from .hostkeys import KnownHosts, fingerprint
+
+log = logging.getLogger(__name__)
+
+# GCM first: measured fastest on pulls (FACTS); the rest keep paramiko's order.
+_FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+_CHANNEL_OPEN_FAILED = {1: "administratively prohibited", 2: "connect failed"}
+
+
+def describe(hop: HopSettings) -> str:
+    """A hop as people read it: user@host:port, with the alias when it differs."""
+    address = f"{hop.user}@{hop.hostname}:{hop.port}"
+    return address if hop.alias in (hop.hostname, address) else f"{hop.alias} ({address})"
+
+
+@dataclass
+class ChainPolicy:
+    """How the chain connects: credentials, trust and time limits."""
+
+    identity_file: str | None = None
+    accept_unknown_host_keys: bool = False
+    connect_timeout_seconds: float = 15.0
+    channel_timeout_seconds: float = 30.0
+    keepalive_seconds: float = 15.0
+    passphrase_notes: list[str] = field(default_factory=list)
+
+
+class SSHChain:
+    """The relay hop(s) and the VM hop, connected in order; one VM Transport carries everything."""
+
+    def __init__(self, hops: list[HopSettings], policy: ChainPolicy) -> None:
+        if not hops:
+            raise ValueError("an SSH chain needs at least one hop")
+        self.hops = hops
+        self.policy = policy
+        self._transports: list[paramiko.Transport] = []
+        self._lock = threading.Lock()
+        self._nodelay_threads: list[threading.Thread] = []
+
+    def hop_name(self, index: int) -> str:
+        """'relay' for jump hosts, 'VM' for the last hop."""
+        if index < len(self.hops) - 1:
+            return RELAY if len(self.hops) == 2 else f"{RELAY} {index + 1}"
+        return VM
+
+    @property
+    def vm_label(self) -> str:
+        return describe(self.hops[-1])
+
+    def connect(self, hop_count: int | None = None) -> None:
+        """Connect every hop not connected yet (all at first, the inner ones after a cut), or the first few."""
+        wanted = len(self.hops) if hop_count is None else hop_count
+        with self._lock:
+            self._drop_dead_tail()
+            while len(self._transports) < wanted:
+                self._transports.append(self._connect_hop(len(self._transports)))
+
+    def run(self, command: str, timeout_seconds: float) -> tuple[int, str, str]:
+        """Run a command on the VM; (exit status, stdout, stderr). Output is small by contract."""
+        channel = self.open_session()
+        try:
+            channel.settimeout(timeout_seconds)
+            channel.exec_command(command)
+            stdout = channel.makefile("rb").read().decode(errors="replace")
+            stderr = channel.makefile_stderr("rb").read().decode(errors="replace")
+            return channel.recv_exit_status(), stdout, stderr
+        except (OSError, EOFError, paramiko.SSHException) as error:
+            raise LinkDown(VM, self.vm_label, f"running a command failed: {error}", "") from None
+        finally:
+            channel.close()
+
+    def is_active(self) -> bool:
+        """True while every hop's Transport is up."""
+        transports = self._transports
+        return len(transports) == len(self.hops) and all(t.is_active() for t in transports)
+
+    def vm_transport(self) -> paramiko.Transport:
+        """The VM's Transport, or LinkDown when it is not up."""
+        transports = self._transports
+        if len(transports) != len(self.hops) or not transports[-1].is_active():
+            raise LinkDown(VM, self.vm_label, "the SSH link is down", "relaykernel reconnects by itself")
+        return transports[-1]
+
+    def open_forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> paramiko.Channel:
+        """A direct-tcpip channel from the VM to remote_host:remote_port (the VM's own loopback)."""
+        return self._open_direct(self.vm_transport(), len(self.hops) - 1, remote_host, remote_port)
+
+    def open_session(self) -> paramiko.Channel:
+        """A session channel on the VM, for exec."""
+        transport = self.vm_transport()
+        try:
+            return transport.open_session(timeout=self.policy.channel_timeout_seconds)
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise LinkDown(VM, self.vm_label, f"could not open a session: {error}", "") from None
+
+    def drop(self, *, keep_relays: bool) -> None:
+        """Close the VM hop, and the relay hops too unless keep_relays, so connect() rebuilds them."""
+        with self._lock:
+            keep = len(self.hops) - 1 if keep_relays else 0
+            for transport in reversed(self._transports[keep:]):
+                transport.close()
+            self._transports = self._transports[:keep]
+
+    def close(self) -> None:
+        """Close every hop, innermost first; safe to call twice."""
+        with self._lock:
+            for transport in reversed(self._transports):
+                transport.close()
+            self._transports = []
+        for thread in self._nodelay_threads:
+            thread.join(timeout=1.0)
+        self._nodelay_threads = []
+
+    def _drop_dead_tail(self) -> None:
+        for index, transport in enumerate(self._transports):
+            if not transport.is_active():
+                for stale in self._transports[index:]:
+                    stale.close()
+                self._transports = self._transports[:index]
+                return
+
+    def _connect_hop(self, index: int) -> paramiko.Transport:
+        hop = self.hops[index]
+        sock = self._first_socket(hop) if index == 0 else self._open_jump(index)
+        transport = self._start_transport(index, sock)
+        try:
+            authenticate(transport, hop, self.hop_name(index), describe(hop), self.policy)
+        except BaseException:
+            transport.close()
+            raise
+        if index < len(self.hops) - 1:
+            self._switch_on_nodelay(transport)
+        return transport
+
+    def _first_socket(self, hop: HopSettings) -> socket.socket | paramiko.ProxyCommand:
+        if hop.proxy_command:
+            return paramiko.ProxyCommand(hop.proxy_command)
+        timeout = hop.connect_timeout_seconds or self.policy.connect_timeout_seconds
+        try:
+            sock = socket.create_connection((hop.hostname, hop.port), timeout=timeout)
+        except OSError as error:
+            raise ConnectError(
+                self.hop_name(0),
+                describe(hop),
+                f"cannot connect: {error.strerror or error}",
+                "check the host and port, and that its sshd is running and reachable from here",
+            ) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return sock
+
+    def _open_jump(self, index: int) -> paramiko.Channel:
+        hop = self.hops[index]
+        return self._open_direct(self._transports[index - 1], index - 1, hop.hostname, hop.port)
+
+    def _open_direct(
+        self, transport: paramiko.Transport, index: int, host: str, port: int
+    ) -> paramiko.Channel:
+        name, where = self.hop_name(index), describe(self.hops[index])
+        try:
+            return transport.open_channel(
+                "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=self.policy.channel_timeout_seconds
+            )
+        except paramiko.ChannelException as error:
+            raise _refused(name, where, host, port, error.code, index < len(self.hops) - 1) from None
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise LinkDown(name, where, f"the connection dropped opening {host}:{port} ({error})", "") from None
+
+    def _start_transport(self, index: int, sock: object) -> paramiko.Transport:
+        hop, name = self.hops[index], self.hop_name(index)
+        transport = paramiko.Transport(sock)
+        known = KnownHosts(hop.known_hosts_files)
+        _prefer_fast_and_known(transport, known.key_types_for(hop.known_hosts_name))
+        if hop.server_alive_interval_seconds:
+            transport.set_keepalive(int(max(1, hop.server_alive_interval_seconds)))
+        timeout = hop.connect_timeout_seconds or self.policy.connect_timeout_seconds
+        try:
+            transport.start_client(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            transport.close()
+            raise ConnectError(
+                name, describe(hop), f"SSH handshake failed: {error}", "is an SSH server listening there?"
+            ) from None
+        self._check_host_key(transport, index, known)
+        return transport
+
+    def _check_host_key(self, transport: paramiko.Transport, index: int, known: KnownHosts) -> None:
+        hop = self.hops[index]
+        key = transport.get_remote_server_key()
+        trust_file = hop.known_hosts_files[0] if hop.known_hosts_files else "~/.ssh/known_hosts"
+        try:
+            known.verify(
+                hop=self.hop_name(index), where=describe(hop), name=hop.known_hosts_name, key=key,
+                trust_file=trust_file,
+            )
+        except HopError as error:
+            if not (self.policy.accept_unknown_host_keys and type(error).__name__ == "UnknownHostKey"):
+                transport.close()
+                raise
+            log.warning("trusting new host key %s for %s", fingerprint(key), hop.known_hosts_name)
+            known.add(hop.known_hosts_name, key, trust_file)
+
+    def _switch_on_nodelay(self, transport: paramiko.Transport) -> None:
+        """Run one exec on a jump connection so its sshd sets TCP_NODELAY (FACTS: Nagle)."""
+        thread = threading.Thread(
+            target=_exec_true, args=(transport, self.policy.channel_timeout_seconds),
+            name="relaykernel-nodelay", daemon=True,
+        )
+        thread.start()
+        self._nodelay_threads.append(thread)
+
+
+def _exec_true(transport: paramiko.Transport, timeout: float) -> None:
+    try:
+        channel = transport.open_session(timeout=timeout)
+        channel.exec_command("true")
+        channel.recv_exit_status()
+        channel.close()
+    except (paramiko.SSHException, OSError, EOFError) as error:
+        log.debug("exec on the relay was refused (%s); replies may pay Nagle delays", error)
+
+
+def _prefer_fast_and_known(transport: paramiko.Transport, known_types: list[str]) -> None:
+    options = transport.get_security_options()
+    options.ciphers = _FAST_CIPHERS + tuple(c for c in options.ciphers if c not in _FAST_CIPHERS)
+    if known_types:
+        supported = tuple(options.key_types)
+        first = tuple(k for k in known_types if k in supported)
+        options.key_types = first + tuple(k for k in supported if k not in first)
+
+
+def _refused(hop: str, where: str, host: str, port: int, code: int, next_is_vm: bool) -> ForwardRefused:
+    reason = _CHANNEL_OPEN_FAILED.get(code, f"code {code}")
+    if code == 1:
+        fix = (
+            f'allow it on the relay: AllowTcpForwarding yes, or permitopen="{host}:{port}" '
+            "on this key's authorized_keys line"
+        )
+    elif next_is_vm:
+        fix = (
+            f"nothing listens on {host}:{port} there: is the VM's reverse tunnel up? On the VM: "
+            f"ssh -N -R {port}:127.0.0.1:22 USER@RELAY"
+        )
+    else:
+        fix = f"is the service on {host}:{port} running?"
+    return ForwardRefused(hop, where, f"refused to open a channel to {host}:{port} ({reason})", fix)

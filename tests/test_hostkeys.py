@@ -1,0 +1,203 @@
+"""KnownHosts verdicts on real known_hosts files, with keys from ssh-keygen and paramiko."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from relaykernel.errors import VM, ChangedHostKey, RevokedHostKey, UnknownHostKey
+from relaykernel.ssh.hostkeys import KnownHosts, fingerprint, known_hosts_line
+
+pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
+
+WHERE = "vm@127.0.0.1:2222"
+Keys = dict[str, paramiko.PKey]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, paramiko.PKey]:
+    """An ed25519 key from ssh-keygen (paramiko cannot make one), plus RSA and ECDSA from paramiko."""
+    path = tmp_path_factory.mktemp("keys") / "ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return {
+        "ed25519": paramiko.Ed25519Key.from_private_key_file(str(path)),
+        "other_ed25519": _fresh_ed25519(path.with_name("other")),
+        "rsa": paramiko.RSAKey.generate(2048),
+        "ecdsa": paramiko.ECDSAKey.generate(),
+    }
+
+
+def _fresh_ed25519(path: Path) -> paramiko.PKey:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return paramiko.Ed25519Key.from_private_key_file(str(path))
+
+
+def _write(path: Path, *lines: str) -> str:
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def _key_fields(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+def _verify(known: KnownHosts, name: str, key: paramiko.PKey, trust_file: str = "/nonexistent/kh") -> None:
+    known.verify(hop=VM, where=WHERE, name=name, key=key, trust_file=trust_file)
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "rsa", "ecdsa"])
+def test_fingerprint_matches_ssh_keygen(kind: str, keys: Keys, tmp_path: Path) -> None:
+    key = keys[kind]
+    known = _write(tmp_path / "kh", known_hosts_line("vm", key))
+    listed = subprocess.run(["ssh-keygen", "-lf", known], capture_output=True, text=True, check=True).stdout
+    assert listed.split()[1] == fingerprint(key) == key.fingerprint
+
+
+def test_known_hosts_line_has_name_type_and_key(keys: Keys) -> None:
+    key = keys["ecdsa"]
+    assert known_hosts_line("[h]:2", key) == f"[h]:2 ecdsa-sha2-nistp256 {key.get_base64()}"
+
+
+def test_plain_line_trusts_its_key(keys: Keys, tmp_path: Path) -> None:
+    known = KnownHosts([_write(tmp_path / "kh", known_hosts_line("vm.example.org", keys["ed25519"]))])
+    _verify(known, "vm.example.org", keys["ed25519"])
+    _verify(known, "VM.Example.ORG", keys["ed25519"])
+
+
+def test_hashed_line_trusts_its_key(keys: Keys, tmp_path: Path) -> None:
+    path = _write(tmp_path / "kh", known_hosts_line("[127.0.0.1]:2222", keys["rsa"]))
+    subprocess.run(["ssh-keygen", "-H", "-f", path], capture_output=True, check=True)
+    assert Path(path).read_text().startswith("|1|")
+    known = KnownHosts([path])
+    _verify(known, "[127.0.0.1]:2222", keys["rsa"])
+    with pytest.raises(UnknownHostKey):
+        _verify(known, "127.0.0.1", keys["rsa"])
+
+
+def test_bracketed_port_is_literal_not_a_character_class(keys: Keys, tmp_path: Path) -> None:
+    known = KnownHosts([_write(tmp_path / "kh", known_hosts_line("[vm]:2222", keys["ed25519"]))])
+    _verify(known, "[vm]:2222", keys["ed25519"])
+    for other in ("vm", "v:2222", "[vm]:22"):
+        with pytest.raises(UnknownHostKey):
+            _verify(known, other, keys["ed25519"])
+
+
+def test_comma_lists_wildcards_and_negation(keys: Keys, tmp_path: Path) -> None:
+    key = keys["ecdsa"]
+    line = known_hosts_line("alpha,*.example.org,!bad.example.org,vm-?", key)
+    known = KnownHosts([_write(tmp_path / "kh", line)])
+    for name in ("alpha", "a.example.org", "x.y.example.org", "vm-7"):
+        _verify(known, name, key)
+    for name in ("bad.example.org", "example.org", "vm-10", "beta"):
+        with pytest.raises(UnknownHostKey):
+            _verify(known, name, key)
+
+
+def test_stale_line_before_correct_one_in_later_file(keys: Keys, tmp_path: Path) -> None:
+    stale = _write(tmp_path / "first", known_hosts_line("vm", keys["other_ed25519"]))
+    good_lines = (known_hosts_line("vm", keys["rsa"]), known_hosts_line("vm", keys["ed25519"]))
+    good = _write(tmp_path / "second", *good_lines)
+    _verify(KnownHosts([stale, good]), "vm", keys["ed25519"])
+
+
+def test_revoked_key_is_refused_even_when_also_listed(keys: Keys, tmp_path: Path) -> None:
+    key = keys["ed25519"]
+    path = _write(tmp_path / "kh", known_hosts_line("vm", key), "@revoked * " + _key_fields(key))
+    with pytest.raises(RevokedHostKey) as caught:
+        _verify(KnownHosts([path]), "vm", key)
+    assert caught.value.fingerprint == fingerprint(key)
+    assert f"{path}:2" in str(caught.value) and fingerprint(key) in str(caught.value)
+
+
+def test_revoked_line_for_another_key_does_not_block(keys: Keys, tmp_path: Path) -> None:
+    revoked = "@revoked vm " + _key_fields(keys["other_ed25519"])
+    path = _write(tmp_path / "kh", revoked, known_hosts_line("vm", keys["ed25519"]))
+    _verify(KnownHosts([path]), "vm", keys["ed25519"])
+
+
+def test_cert_authority_and_odd_lines_are_skipped(keys: Keys, tmp_path: Path) -> None:
+    key = keys["ed25519"]
+    path = _write(
+        tmp_path / "kh",
+        "# a comment",
+        "@cert-authority *.example.org " + _key_fields(keys["rsa"]),
+        "@weird vm ssh-ed25519 AAAA",
+        "vm ssh-ed25519 not*base64",
+        "just-one-field",
+        "vm 1024 35 1234567890",
+        known_hosts_line("vm", key),
+    )
+    known = KnownHosts([path, str(tmp_path / "missing")])
+    _verify(known, "vm", key)
+    with pytest.raises(UnknownHostKey):
+        _verify(known, "ca.example.org", keys["rsa"])
+
+
+def test_key_types_for_lists_known_types_and_rsa_algorithms(keys: Keys, tmp_path: Path) -> None:
+    lines = (known_hosts_line("vm", keys["ecdsa"]), known_hosts_line("vm,relay", keys["rsa"]))
+    known = KnownHosts([_write(tmp_path / "kh", *lines)])
+    assert known.key_types_for("vm") == ["ecdsa-sha2-nistp256", "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]
+    assert known.key_types_for("relay") == ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]
+    assert known.key_types_for("nobody") == []
+
+
+def test_unknown_host_message_and_its_command(keys: Keys, tmp_path: Path) -> None:
+    key, trust_file = keys["ed25519"], str(tmp_path / "ssh dir" / "known_hosts")
+    with pytest.raises(UnknownHostKey) as caught:
+        _verify(KnownHosts([trust_file]), "[127.0.0.1]:2222", key, trust_file)
+    error = caught.value
+    assert (error.hop, error.where, error.fingerprint) == (VM, WHERE, fingerprint(key))
+    assert fingerprint(key) in str(error) and "[127.0.0.1]:2222" in str(error)
+    _run_fix(error.fix)
+    _verify(KnownHosts([trust_file]), "[127.0.0.1]:2222", key, trust_file)
+
+
+def test_changed_host_message_and_its_command(keys: Keys, tmp_path: Path) -> None:
+    old, new = keys["other_ed25519"], keys["ed25519"]
+    keep = known_hosts_line("relay", keys["rsa"])
+    trust_file = _write(tmp_path / "known_hosts", keep, known_hosts_line("[vm]:2222", old))
+    with pytest.raises(ChangedHostKey) as caught:
+        _verify(KnownHosts([trust_file]), "[vm]:2222", new, trust_file)
+    message = str(caught.value)
+    assert fingerprint(new) in message and f"{trust_file}:2" in message
+    assert "recreated" in message and "intercepted" in message and "ssh-keygen -f" in caught.value.fix
+    _run_fix(caught.value.fix)
+    _verify(KnownHosts([trust_file]), "[vm]:2222", new, trust_file)
+    with pytest.raises(ChangedHostKey):
+        _verify(KnownHosts([trust_file]), "[vm]:2222", old, trust_file)
+    assert keep in Path(trust_file).read_text()
+
+
+def test_changed_key_held_in_a_read_only_global_file(keys: Keys, tmp_path: Path) -> None:
+    global_file = _write(tmp_path / "global", known_hosts_line("vm", keys["rsa"]))
+    trust_file = str(tmp_path / "user_known_hosts")
+    with pytest.raises(ChangedHostKey) as caught:
+        _verify(KnownHosts([trust_file, global_file]), "vm", keys["ed25519"], trust_file)
+    _run_fix(caught.value.fix)
+    _verify(KnownHosts([trust_file, global_file]), "vm", keys["ed25519"], trust_file)
+
+
+def test_add_creates_private_file_and_directory(keys: Keys, tmp_path: Path) -> None:
+    trust_file = tmp_path / "new" / "known_hosts"
+    known = KnownHosts([str(trust_file)])
+    known.add("vm", keys["ecdsa"], str(trust_file))
+    _verify(known, "vm", keys["ecdsa"])
+    assert stat.S_IMODE(os.stat(trust_file.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(trust_file).st_mode) == 0o600
+    trust_file.write_text(trust_file.read_text().rstrip("\n"))
+    known.add("relay", keys["rsa"], str(trust_file))
+    fresh = KnownHosts([str(trust_file)])
+    _verify(fresh, "vm", keys["ecdsa"])
+    _verify(fresh, "relay", keys["rsa"])
+
+
+def _run_fix(fix: str) -> None:
+    """Run the one command a fix message offers (everything after its last ': ')."""
+    command = fix.rsplit(": ", 1)[1]
+    subprocess.run(["sh", "-c", command], check=True, capture_output=True)
