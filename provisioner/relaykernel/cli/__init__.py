@@ -1,0 +1,41 @@
+"""The ``relaykernel`` command: one subcommand per module, errors printed as their fix, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import RelayKernelError
+from . import demo, doctor, install, launch
+
+SUBCOMMANDS = (install, launch, doctor, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relaykernel",
+        description="Jupyter kernels on a notebook VM with no public IP, reached through an SSH relay.",
+    )
+    parser.add_argument("--debug", action="store_true", help="log every step (to stderr)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="relaykernel %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
+    try:
+        return int(args.run(args) or 0)
+    except RelayKernelError as error:
+        print(f"relaykernel: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

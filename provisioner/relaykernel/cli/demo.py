@@ -1,0 +1,105 @@
+"""``relaykernel demo``: a relay and a VM on loopback, a kernel through them, a notebook run on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import nbformat
+from jupyter_client import KernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+from nbclient import NotebookClient
+
+from ..kernelspec import build_kernel_json, install_kernelspec
+from ..sandbox.topology import LoopbackSandbox, SandboxInfo
+
+SPEC_NAME = "relaykernel-sandbox"
+DISPLAY_NAME = "Python on the relaykernel sandbox VM"
+CELLS = (
+    "import getpass, os, platform, sys\n"
+    "print('remote user:', getpass.getuser())\n"
+    "print('remote cwd: ', os.getcwd())\n"
+    "print('python:     ', sys.executable, platform.python_version())",
+    "squares = sum(i * i for i in range(10**6))\nprint('computed on the VM:', squares)",
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="run a notebook on a local sandbox relay + VM (no root needed)")
+    parser.add_argument(
+        "--keep", action="store_true",
+        help="keep the sandbox running and its kernelspec installed until Ctrl-C, to try it from JupyterLab",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print("starting a relay sshd, a VM sshd and the VM's reverse tunnel on 127.0.0.1 …", flush=True)
+    with LoopbackSandbox() as info:
+        print(f"  relay {info.relay}   VM (via the relay's forwarded port) {info.vm}", flush=True)
+        config = _relay_config(info)
+        if args.keep:
+            return _keep(config)
+        return _run_notebook(config)
+
+
+def _relay_config(info: SandboxInfo) -> dict[str, Any]:
+    return {
+        "host": info.vm_alias,
+        "ssh_config_file": info.ssh_config_file,
+        "remote_python": info.vm_python,
+        "remote_workdir": os.path.join(info.state_dir, "vm-work"),
+    }
+
+
+def _run_notebook(config: dict[str, Any]) -> int:
+    with tempfile.TemporaryDirectory(prefix="relaykernel-demo-") as jupyter_dir:
+        manager = KernelSpecManager(kernel_dirs=[jupyter_dir])
+        spec = build_kernel_json(display_name=DISPLAY_NAME, config=config)
+        os.makedirs(os.path.join(jupyter_dir, SPEC_NAME))
+        with open(os.path.join(jupyter_dir, SPEC_NAME, "kernel.json"), "w") as handle:
+            json.dump(spec, handle)
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in CELLS])
+        km = KernelManager(kernel_name=SPEC_NAME, kernel_spec_manager=manager)
+        started = time.monotonic()
+        try:
+            NotebookClient(notebook, km=km, timeout=60, kernel_name=SPEC_NAME).execute()
+        finally:
+            if km.has_kernel:  # nbclient leaves a kernel manager it was given running
+                km.shutdown_kernel()
+        print(f"ran {len(CELLS)} cells on the sandbox VM in {time.monotonic() - started:.2f} s:\n")
+        for cell in notebook.cells:
+            for output in cell.outputs:
+                print(_output_text(output), end="")
+    print("\nsandbox stopped; nothing left running.")
+    return 0
+
+
+def _output_text(output: Any) -> str:
+    if output.output_type == "stream":
+        return output.text
+    if output.output_type == "error":
+        return f"{output.ename}: {output.evalue}\n"
+    return output.get("data", {}).get("text/plain", "") + "\n"
+
+
+def _keep(config: dict[str, Any]) -> int:
+    path = install_kernelspec(
+        name=SPEC_NAME, kernel_json=build_kernel_json(display_name=DISPLAY_NAME, config=config), user=True
+    )
+    print(f"\ninstalled kernelspec {SPEC_NAME!r} in {path}")
+    print(f"start JupyterLab (jupyter lab) and pick {DISPLAY_NAME!r} in Kernel → Change Kernel…")
+    print("press Ctrl-C here to stop the sandbox and remove the kernelspec", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    return 0

@@ -1,0 +1,112 @@
+"""``relaykernel launch``: the kernelspec's argv, for clients that spawn kernels themselves (VS Code)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import uuid
+from typing import Any
+
+from ..errors import ConfigError
+from ..kernelspec import load_relay_config
+from ..options import RelayOptions
+from ..relayed import RelayedKernel
+from ..remote import PORT_NAMES
+from .options_args import add_connection_flags, given_options
+
+_WATCH_SECONDS = 0.5
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("launch", help="run as the kernel process a client spawned (kernelspec argv)")
+    parser.add_argument("-f", "--connection-file", required=True, help="the connection file the client wrote")
+    parser.add_argument("--spec", help="kernelspec directory whose provisioner config to use")
+    parser.add_argument("--host", help=RelayOptions.class_traits()["host"].help)
+    add_connection_flags(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = RelayOptions(**_config(args))
+    info = read_connection_file(args.connection_file)
+    relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex)
+    ended = threading.Event()
+    _install_signal_handlers(relayed, ended)
+    try:
+        relayed.start(
+            key=info["key"].encode(), signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+            local_ports={name: int(info[name]) for name in PORT_NAMES},
+        )
+        return _supervise(relayed, ended)
+    finally:
+        relayed.close()
+
+
+def read_connection_file(path: str) -> dict[str, Any]:
+    """The client's connection info; the path may arrive wrapped in literal quotes (VS Code, spaces)."""
+    path = path.strip().strip("'\"")
+    try:
+        with open(path) as handle:
+            info = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the connection file {path}: {error}") from None
+    missing = [name for name in (*PORT_NAMES, "key") if name not in info]
+    if missing:
+        raise ConfigError(f"connection file {path} lacks {', '.join(missing)}")
+    if info.get("transport", "tcp") != "tcp":
+        raise ConfigError(f"connection file {path}: only the tcp transport can be forwarded")
+    return info
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    config = load_relay_config(args.spec.strip("'\"")) if args.spec else {}
+    config.update(given_options(args))
+    if args.host:
+        config["host"] = args.host
+    return config
+
+
+def _install_signal_handlers(relayed: RelayedKernel, ended: threading.Event) -> None:
+    def interrupt(signum: int, frame: object) -> None:
+        threading.Thread(target=_forward_signal, args=(relayed, signal.SIGINT), daemon=True).start()
+
+    def stop(signum: int, frame: object) -> None:
+        ended.set()
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+
+
+def _forward_signal(relayed: RelayedKernel, signum: int) -> None:
+    try:
+        relayed.signal(signum)
+    except Exception as error:  # noqa: BLE001 - a failed interrupt must not end the launcher
+        print(f"relaykernel: interrupt not delivered: {error}", file=sys.stderr)
+
+
+def _supervise(relayed: RelayedKernel, ended: threading.Event) -> int:
+    parent = os.getppid()
+    watched = int(os.environ.get("JPY_PARENT_PID", "0") or 0)
+    while not ended.wait(_WATCH_SECONDS):
+        status = relayed.poll()
+        if status is not None:
+            print(f"relaykernel: the kernel on the VM exited with status {status}", file=sys.stderr)
+            return status if status >= 0 else 128 - status
+        if os.getppid() != parent or (watched and not _alive(watched)):
+            return 0
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,135 @@
+"""RelayProvisioner: jupyter_client's kernel provisioner for a kernel on a relayed VM (async front)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning import KernelProvisionerBase
+
+from .errors import RelayKernelError
+from .offload import run_blocking
+from .options import RelayOptions
+from .relayed import RelayedKernel
+from .remote import PORT_NAMES
+
+_POLL_INTERVAL_SECONDS = 0.1
+
+
+class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[misc]
+    """Launch the kernel on the VM over SSH and hand the KernelManager local forwarded ports."""
+
+    relayed: RelayedKernel | None = None
+
+    @property
+    def has_process(self) -> bool:
+        """True while a remote kernel is running (``KernelManager.has_kernel``)."""
+        return self.relayed is not None and self.relayed.remote is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Check the configuration and build the command (``KernelManager.pre_start_kernel``)."""
+        self.require_host()
+        extra_arguments = kwargs.pop("extra_arguments", [])
+        km = self.parent
+        cmd = km.format_kernel_cmd(extra_arguments=extra_arguments) if km else self.kernel_spec.argv
+        return await super().pre_launch(cmd=cmd, **kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start the kernel on the VM and its local forwards (``KernelManager._launch_kernel``)."""
+        km = self.parent
+        if self.relayed is None:
+            self.relayed = RelayedKernel(self, kernel_id=self.kernel_id)
+        try:
+            ports = await run_blocking(
+                self.relayed.start,
+                key=km.session.key,
+                signature_scheme=km.session.signature_scheme,
+                local_ports={name: getattr(km, name) for name in PORT_NAMES},
+                timeout_seconds=self._start_timeout_seconds(),
+                what=f"starting the kernel on {self.host}",
+            )
+        except BaseException:
+            self.relayed = None  # start() has already closed whatever it opened
+            raise
+        self.connection_info = {
+            "ip": "127.0.0.1",
+            "transport": "tcp",
+            "key": km.session.key,
+            "signature_scheme": km.session.signature_scheme,
+            "kernel_name": km.kernel_name,
+            **ports,
+        }
+        return self.connection_info
+
+    async def poll(self) -> int | None:
+        """None while the remote kernel runs or the link is down; its exit status once it ended."""
+        if self.relayed is None:
+            return 0
+        return self.relayed.poll()
+
+    async def wait(self) -> int | None:
+        """Wait until the remote kernel has ended; its exit status."""
+        while (status := await self.poll()) is None:
+            await asyncio.sleep(_POLL_INTERVAL_SECONDS)
+        return status
+
+    async def send_signal(self, signum: int) -> None:
+        """Deliver a signal to the kernel on the VM (``KernelManager.signal_kernel``, interrupts)."""
+        if self.relayed is None:
+            return
+        try:
+            await run_blocking(
+                self.relayed.signal, signum, timeout_seconds=self.command_timeout_seconds * 2,
+                what=f"sending signal {signum} to the kernel on {self.host}",
+            )
+        except RelayKernelError as error:
+            self.log.warning("could not deliver signal %s: %s", signum, error)
+
+    async def kill(self, restart: bool = False) -> None:
+        """Kill the remote kernel (``KernelManager._kill_kernel``)."""
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        """Ask the remote kernel to terminate (``KernelManager.finish_shutdown``)."""
+        await self.send_signal(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Stop the remote kernel; on restart keep the SSH link and the local listeners, else close all."""
+        relayed = self.relayed
+        if relayed is None:
+            return
+        step = relayed.stop_kernel if restart else relayed.close
+        try:
+            await run_blocking(
+                step, timeout_seconds=self.command_timeout_seconds * 2,
+                what=f"cleaning up the kernel on {self.host}",
+            )
+        finally:
+            if not restart:
+                self.relayed = None
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """What is needed to find this kernel again: the base info plus the remote kernel's identity."""
+        info = await super().get_provisioner_info()
+        info["relay"] = {"host": self.host, "jump": self.jump, **(self.relayed.info() if self.relayed else {})}
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """The inverse of get_provisioner_info."""
+        await super().load_provisioner_info(provisioner_info)
+        relay = provisioner_info.get("relay", {})
+        self.host = relay.get("host", self.host)
+        self.jump = relay.get("jump", self.jump)
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        """A graceful shutdown crosses two SSH hops: allow at least shutdown_wait_seconds."""
+        return max(recommended, self.shutdown_wait_seconds)
+
+    def get_stable_start_time(self, recommended: float = 10.0) -> float:
+        """A (re)start over a slow link can take longer than a local one."""
+        return max(recommended, self.stable_start_seconds)
+
+    def _start_timeout_seconds(self) -> float:
+        return self.connect_timeout_seconds * 3 + self.launch_timeout_seconds + self.command_timeout_seconds

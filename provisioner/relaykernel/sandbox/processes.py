@@ -1,0 +1,104 @@
+"""Stop the processes the sandbox started, including the children they left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+_PROC = Path("/proc")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...), parents before children."""
+    children = _children_by_parent()
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        kids = children.get(frontier.pop(), [])
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    if not _PROC.is_dir():
+        return _children_by_parent_from_ps()
+    table: dict[int, list[int]] = {}
+    for stat in _PROC.glob("[0-9]*/stat"):
+        try:
+            # The command name may hold spaces and parentheses; ppid is the 2nd field after the last ')'.
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        table.setdefault(ppid, []).append(int(stat.parent.name))
+    return table
+
+
+def _children_by_parent_from_ps() -> dict[int, list[int]]:
+    listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=False)
+    table: dict[int, list[int]] = {}
+    for line in listing.stdout.splitlines():
+        pid, ppid = (int(part) for part in line.split())
+        table.setdefault(ppid, []).append(pid)
+    return table
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    """Send ``signum`` to each pid that still exists."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def wait_gone(pids: list[int], timeout_seconds: float) -> list[int]:
+    """Wait until none of ``pids`` exists; return those still alive at the timeout."""
+    deadline = time.monotonic() + timeout_seconds
+    alive = [pid for pid in pids if _exists(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [pid for pid in alive if _exists(pid)]
+    return alive
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return (_PROC / str(pid) / "stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def terminate_all(pids: list[int], timeout_seconds: float = 2.0) -> None:
+    """SIGTERM each pid, then SIGKILL those still there after ``timeout_seconds``."""
+    signal_all(pids, signal.SIGTERM)
+    signal_all(wait_gone(pids, timeout_seconds), signal.SIGKILL)
+
+
+def stop_process_tree(process: subprocess.Popen[bytes], timeout_seconds: float = 3.0) -> None:
+    """Stop everything below ``process``, then ``process``; SIGKILL what ignores SIGTERM. Safe to call twice."""
+    # Children first: wrappers such as runuser wait for their child and exit with it (on SIGTERM
+    # runuser would instead give the child 2 s of grace), and sshd's sessions outlive the listener.
+    below = descendants(process.pid) if process.poll() is None else []
+    signal_all(below, signal.SIGTERM)
+    stubborn = wait_gone(below, timeout_seconds)
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout_seconds)
+    signal_all(stubborn, signal.SIGKILL)

@@ -1,0 +1,134 @@
+"""A real kernel on the VM through the relay, driven by jupyter_client's KernelManager."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helpers import execute, kernel_manager, port_accepts, relay_config, vm_pids, wait_until
+from relaykernel.remote import PORT_NAMES
+
+pytestmark = pytest.mark.usefixtures("no_ssh_agent")
+
+
+@pytest.fixture
+def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+@pytest.fixture
+def running(topology, tmp_path):
+    """A started relay kernel and its client; shut down (and checked for leftovers) after the test."""
+    config = relay_config(topology, tmp_path)
+    km = kernel_manager(tmp_path, config)
+    km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    client.wait_for_ready(timeout=30)
+    yield km, client, config
+    client.stop_channels()
+    if km.has_kernel:
+        km.shutdown_kernel(now=False)
+
+
+def test_code_runs_on_the_vm_as_its_user_in_the_work_dir(topology, running):
+    km, client, config = running
+    out, reply = execute(client, "import getpass, os; print(getpass.getuser()); print(os.getcwd())")
+    assert reply["status"] == "ok"
+    user, cwd = out.split()
+    assert user == topology.vm_user
+    assert cwd.endswith(config["remote_workdir"].lstrip("~/"))
+    if topology.netns:
+        out, _ = execute(client, "import os; print(os.readlink('/proc/self/ns/net'))")
+        assert out.strip() != os.readlink("/proc/self/ns/net"), (
+            "the kernel must run inside the VM's namespace"
+        )
+
+
+def test_the_client_talks_to_local_forwards_only(running):
+    km, _, _ = running
+    info = km.get_connection_info()
+    assert info["ip"] == "127.0.0.1"
+    assert all(port_accepts(info[name]) for name in PORT_NAMES)
+
+
+def test_interrupt_stops_a_sleep_within_two_seconds(running):
+    km, client, _ = running
+    msg_id = client.execute("import time; time.sleep(60)")
+    time.sleep(1.0)
+    started = time.monotonic()
+    km.interrupt_kernel()
+    reply = client.get_shell_msg(timeout=10)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert time.monotonic() - started < 2.0
+
+
+def test_restart_gives_a_fresh_kernel_on_the_same_local_ports(topology, running):
+    km, client, _ = running
+    execute(client, "answer = 42")
+    before = km.get_connection_info()
+    old_kernel = km.provisioner.relayed.info()["remote_pid"]
+    km.restart_kernel(now=False)
+    client.wait_for_ready(timeout=30)
+    out, reply = execute(client, "print('answer' in globals())")
+    assert out.strip() == "False"
+    assert km.get_connection_info()["shell_port"] == before["shell_port"]
+    assert wait_until(lambda: str(old_kernel) not in map(str, vm_pids(topology, "ipykernel")), 10)
+
+
+def test_shutdown_leaves_nothing_on_the_vm_or_here(topology, tmp_path):
+    km = kernel_manager(tmp_path, relay_config(topology, tmp_path))
+    km.start_kernel()
+    kernel_id = km.provisioner.kernel_id
+    info = km.get_connection_info()
+    assert vm_pids(topology, kernel_id)
+    km.shutdown_kernel()
+    assert wait_until(lambda: not vm_pids(topology, kernel_id), 10), "kernel left on the VM"
+    assert not any(port_accepts(info[name]) for name in PORT_NAMES), "local listener left"
+    assert topology.vm_run(["sh", "-c", f"ls ~/.relaykernel/run/{kernel_id}"]).returncode != 0
+
+
+_LOCAL_SIDE = textwrap.dedent(
+    """
+    import json, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from helpers import kernel_manager
+    from pathlib import Path
+    km = kernel_manager(Path(sys.argv[2]), json.loads(sys.argv[3]))
+    km.start_kernel()
+    print(km.provisioner.kernel_id, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_killed_laptop_leaves_the_kernel_to_its_lease(topology, tmp_path):
+    import json
+
+    config = relay_config(topology, tmp_path, lease_seconds=3.0, liveness_interval_seconds=1.0)
+    tests_dir = os.path.dirname(__file__)
+    local = subprocess.Popen(
+        [sys.executable, "-c", _LOCAL_SIDE, tests_dir, str(tmp_path), json.dumps(config)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        kernel_id = local.stdout.readline().strip()
+        assert kernel_id and vm_pids(topology, kernel_id)
+        time.sleep(4)  # longer than the lease: renewals keep it alive
+        assert vm_pids(topology, kernel_id)
+        local.send_signal(signal.SIGKILL)
+        local.wait()
+        assert wait_until(lambda: not vm_pids(topology, kernel_id), 3 + 6), "kernel outlived its lease"
+    finally:
+        local.kill()
+        local.wait()
+        local.stdout.close()
