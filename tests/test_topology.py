@@ -133,7 +133,10 @@ def test_stop_leaves_no_process_namespace_or_file(topology_class: type[LoopbackS
     assert not pgrep(info.state_dir), "a sandbox process survived stop()"
     assert not Path(info.state_dir).exists()
     if namespace is not None:
-        assert info.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert (
+            info.netns
+            and info.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        )
         assert not pids_in_namespace(namespace)
 
 

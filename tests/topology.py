@@ -15,7 +15,7 @@ from relaykernel.sandbox.keys import KeyPair
 from relaykernel.sandbox.processes import descendants, stop_process_tree, terminate_all, wait_gone
 from relaykernel.sandbox.sshd import SshdServer
 from relaykernel.sandbox.tools import find_tool
-from relaykernel.sandbox.topology import LoopbackSandbox, SandboxInfo
+from relaykernel.sandbox.topology import LoopbackSandbox, SandboxInfo, TunnelRoute
 from relaykernel.sandbox.tunnel import ReverseTunnel
 
 VM_USER = "rkvm"
@@ -114,10 +114,10 @@ class NetnsTopology(LoopbackSandbox):
             startup_timeout_seconds=self.startup_timeout_seconds,
         )
 
-    def _tunnel_route(self) -> dict[str, str]:
+    def _tunnel_route(self) -> TunnelRoute:
         socket_path = self._start_bridge()
         proxy = f"{find_tool('socat')} - UNIX-CONNECT:{socket_path}"
-        return {"netns": self.netns, "run_as": VM_USER, "proxy_command": proxy}
+        return TunnelRoute(netns=self.netns, run_as=VM_USER, proxy_command=proxy)
 
     def _start_tunnel(self, key: KeyPair, forward_port: int) -> ReverseTunnel:
         tunnel = super()._start_tunnel(key, forward_port)

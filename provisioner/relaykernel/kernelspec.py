@@ -82,7 +82,7 @@ def install_kernelspec(
     _check_display_name_unique(manager, name, kernel_json["display_name"])
     with tempfile.TemporaryDirectory(prefix="relaykernel-spec-") as staging:
         Path(staging, "kernel.json").write_text(json.dumps(kernel_json, indent=2) + "\n")
-        return manager.install_kernel_spec(staging, kernel_name=name, user=user, prefix=prefix, replace=True)
+        return manager.install_kernel_spec(staging, kernel_name=name, user=user, prefix=prefix)
 
 
 def load_relay_config(resource_dir: str) -> dict[str, Any]:

@@ -40,6 +40,8 @@ class SshdServer:
     ) -> None:
         if not 0 <= port < 65536 or not 0 < listen_port < 65536:
             raise ConfigError(f"sshd port {port}/{listen_port} out of range: use 0 (any free port) or 1-65535")
+        if netns and port:
+            raise ConfigError(f"sshd in netns {netns} listens on listen_port={listen_port}; leave port unset")
         self.state_dir = Path(state_dir).absolute()
         self.hop = hop
         self.netns = netns
@@ -86,6 +88,7 @@ class SshdServer:
     def launch(self) -> None:
         """Write keys and config and start sshd without waiting (see ``wait_until_ready``)."""
         sshd = find_tool("sshd")
+        self.stop()
         self._prepare_state_dir()
         self._port = self._fixed_port or free_loopback_port()
         self._write_config()

@@ -59,6 +59,15 @@ class SandboxInfo:
         )
 
 
+@dataclass(frozen=True)
+class TunnelRoute:
+    """How the VM's tunnel reaches the relay: its namespace, its user, and a ProxyCommand if not by TCP."""
+
+    netns: str | None = None
+    run_as: str | None = None
+    proxy_command: str | None = None
+
+
 def current_user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
@@ -193,6 +202,7 @@ class LoopbackSandbox:
     def _start_tunnel(self, key: KeyPair, forward_port: int) -> ReverseTunnel:
         assert self.relay_sshd is not None and self.vm_sshd is not None
         known_hosts = write_lines(self.state_dir / "vm/relay_known_hosts", [self.relay_sshd.host_key_line()])
+        route = self._tunnel_route()
         tunnel = ReverseTunnel(
             relay_user=self.relay_user,
             relay_port=self.relay_sshd.port,
@@ -202,14 +212,16 @@ class LoopbackSandbox:
             known_hosts_file=known_hosts,
             log_file=self.state_dir / "vm/tunnel.log",
             startup_timeout_seconds=self.startup_timeout_seconds,
-            **self._tunnel_route(),
+            netns=route.netns,
+            run_as=route.run_as,
+            proxy_command=route.proxy_command,
         )
         self._stops.append(tunnel.stop)
         return tunnel.start()
 
-    def _tunnel_route(self) -> dict[str, str]:
-        """Extra ReverseTunnel arguments (netns, run_as, proxy_command); none on plain loopback."""
-        return {}
+    def _tunnel_route(self) -> TunnelRoute:
+        """How the VM's tunnel reaches the relay; on plain loopback, directly as the current user."""
+        return TunnelRoute()
 
     def _write_laptop_files(self, key: KeyPair, forward_port: int) -> SandboxInfo:
         assert self.relay_sshd is not None and self.vm_sshd is not None

@@ -1,0 +1,65 @@
+"""Link faults: a cut kills nothing and the same kernel comes back; a kernel that dies on the VM is reported."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from helpers import execute, kernel_manager, relay_config, wait_until
+
+pytestmark = pytest.mark.usefixtures("no_ssh_agent")
+
+
+@pytest.fixture
+def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+@pytest.fixture
+def own_topology(topology_class):
+    """A topology of this test's own, since the test cuts its tunnel."""
+    sandbox = topology_class()
+    sandbox.start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture
+def fast_kernel(own_topology, tmp_path):
+    config = relay_config(
+        own_topology.info, tmp_path, liveness_interval_seconds=0.5, command_timeout_seconds=3.0,
+        reconnect_max_backoff_seconds=1.0, lease_seconds=60.0,
+    )
+    km = kernel_manager(tmp_path, config)
+    km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    client.wait_for_ready(timeout=30)
+    yield km, client
+    client.stop_channels()
+    if km.has_kernel:
+        km.shutdown_kernel()
+
+
+def test_a_tunnel_cut_kills_nothing_and_the_same_kernel_answers_after(own_topology, fast_kernel):
+    km, client = fast_kernel
+    execute(client, "x = 41")
+    relayed = km.provisioner.relayed
+    pid_before = relayed.info()["remote_pid"]
+    own_topology.tunnel.stop()
+    assert wait_until(lambda: not relayed.keeper.link_up.is_set(), 10), "the cut went unnoticed"
+    time.sleep(2.0)
+    assert km.is_alive(), "poll() must not report a death while only the link is down"
+    own_topology.tunnel.start()
+    assert wait_until(relayed.keeper.link_up.is_set, 20), "no reconnect after the tunnel came back"
+    out, reply = execute(client, "x += 1; print(x)", timeout_seconds=30)
+    assert (out.strip(), reply["status"]) == ("42", "ok")
+    assert relayed.info()["remote_pid"] == pid_before
+
+
+def test_a_kernel_killed_on_the_vm_is_reported_dead(own_topology, fast_kernel):
+    km, _ = fast_kernel
+    pid = km.provisioner.relayed.info()["remote_pid"]
+    own_topology.info.vm_run(["kill", "-KILL", str(pid)])
+    assert wait_until(lambda: not km.is_alive(), 10), "a dead kernel must be reported by poll()"
