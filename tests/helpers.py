@@ -31,6 +31,7 @@ def write_ssh_config(topology: Any, directory: Path, **overrides: Any) -> str:
         "vm_user": vm.user,
         "identity_file": topology.identity_file,
         "known_hosts": topology.known_hosts_file,
+        "identities_only": "yes",
     }
     fields.update(overrides)
     text = f"""
@@ -45,7 +46,7 @@ Host {VM_ALIAS}
     ProxyJump {RELAY_ALIAS}
 Host *
     IdentityFile {fields["identity_file"]}
-    IdentitiesOnly yes
+    IdentitiesOnly {fields["identities_only"]}
     UserKnownHostsFile {fields["known_hosts"]}
     StrictHostKeyChecking yes
     ServerAliveInterval 5

@@ -16,7 +16,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
 from helpers import VM_ALIAS, execute, port_accepts, relay_config, vm_pids, wait_until, write_ssh_config
-from relaykernel.remote import PORT_NAMES
+from relaykernel.forward import KERNEL_PORT_NAMES
 from relaykernel.sandbox.ports import free_loopback_ports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ def test_the_argv_launch_path_runs_interrupts_and_stops_on_sigterm(topology, tmp
     spec_dir.mkdir()
     config = relay_config(topology, tmp_path)
     (spec_dir / "kernel.json").write_text(json.dumps({"metadata": {"kernel_provisioner": {"config": config}}}))
-    ports = dict(zip(PORT_NAMES, free_loopback_ports(5)))
+    ports = dict(zip(KERNEL_PORT_NAMES, free_loopback_ports(5)))
     info = {**ports, "ip": "127.0.0.1", "key": str(uuid.uuid4()), "transport": "tcp",
             "signature_scheme": "hmac-sha256", "kernel_name": "relay"}
     connection_file = tmp_path / "kernel-v3 with space.json"

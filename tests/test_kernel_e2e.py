@@ -8,11 +8,22 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
-from helpers import execute, kernel_manager, port_accepts, relay_config, vm_pids, wait_until
-from relaykernel.remote import PORT_NAMES
+from helpers import (
+    RELAY_ALIAS,
+    VM_ALIAS,
+    execute,
+    kernel_manager,
+    port_accepts,
+    relay_config,
+    vm_pids,
+    wait_until,
+    write_ssh_config,
+)
+from relaykernel.forward import KERNEL_PORT_NAMES
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 
@@ -55,7 +66,7 @@ def test_the_client_talks_to_local_forwards_only(running):
     km, _, _ = running
     info = km.get_connection_info()
     assert info["ip"] == "127.0.0.1"
-    assert all(port_accepts(info[name]) for name in PORT_NAMES)
+    assert all(port_accepts(info[name]) for name in KERNEL_PORT_NAMES)
 
 
 def test_interrupt_stops_a_sleep_within_two_seconds(running):
@@ -92,7 +103,7 @@ def test_shutdown_leaves_nothing_on_the_vm_or_here(topology, tmp_path):
     assert vm_pids(topology, kernel_id)
     km.shutdown_kernel()
     assert wait_until(lambda: not vm_pids(topology, kernel_id), 10), "kernel left on the VM"
-    assert not any(port_accepts(info[name]) for name in PORT_NAMES), "local listener left"
+    assert not any(port_accepts(info[name]) for name in KERNEL_PORT_NAMES), "local listener left"
     assert topology.vm_run(["sh", "-c", f"ls ~/.relaykernel/run/{kernel_id}"]).returncode != 0
 
 
@@ -132,3 +143,53 @@ def test_a_killed_laptop_leaves_the_kernel_to_its_lease(topology, tmp_path):
         local.kill()
         local.wait()
         local.stdout.close()
+
+
+def _proxy_command_route(topology, tmp_path):
+    config = write_ssh_config(topology, tmp_path)
+    text = Path(config).read_text().replace(
+        f"ProxyJump {RELAY_ALIAS}", f"ProxyCommand ssh -F {config} -W %h:%p {RELAY_ALIAS}"
+    )
+    Path(config).write_text(text)
+    return {"host": VM_ALIAS, "ssh_config_file": config}
+
+
+def _explicit_jump_route(topology, tmp_path):
+    config = write_ssh_config(topology, tmp_path)
+    return {"host": topology.vm, "jump": topology.relay, "ssh_config_file": config}
+
+
+@pytest.mark.parametrize("route", [_proxy_command_route, _explicit_jump_route], ids=["ProxyCommand", "jump"])
+def test_other_routes_to_the_vm(topology, tmp_path, route):
+    km = kernel_manager(tmp_path, relay_config(topology, tmp_path, **route(topology, tmp_path)))
+    km.start_kernel()
+    try:
+        client = km.client()
+        client.start_channels()
+        client.wait_for_ready(timeout=30)
+        out, _ = execute(client, "import getpass; print(getpass.getuser())")
+        assert out.strip() == topology.vm_user
+        client.stop_channels()
+    finally:
+        km.shutdown_kernel()
+
+
+@pytest.fixture
+def ssh_agent_with_the_key(topology, tmp_path, monkeypatch):
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(socket_path.exists, 5)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        subprocess.run(["ssh-add", "-q", topology.identity_file], check=True, capture_output=True)
+        yield
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+def test_ssh_agent_keys_log_in(topology, tmp_path, ssh_agent_with_the_key):
+    config = write_ssh_config(topology, tmp_path, identity_file=tmp_path / "not_there", identities_only="no")
+    km = kernel_manager(tmp_path, relay_config(topology, tmp_path, ssh_config_file=config))
+    km.start_kernel()
+    km.shutdown_kernel()

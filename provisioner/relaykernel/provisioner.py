@@ -10,10 +10,10 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 
 from .errors import RelayKernelError
+from .forward import KERNEL_PORT_NAMES
 from .offload import run_blocking
 from .options import RelayOptions
 from .relayed import RelayedKernel
-from .remote import PORT_NAMES
 
 _POLL_INTERVAL_SECONDS = 0.1
 
@@ -46,7 +46,7 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
                 self.relayed.start,
                 key=km.session.key,
                 signature_scheme=km.session.signature_scheme,
-                local_ports={name: getattr(km, name) for name in PORT_NAMES},
+                local_ports={name: getattr(km, name) for name in KERNEL_PORT_NAMES},
                 timeout_seconds=self._start_timeout_seconds(),
                 what=f"starting the kernel on {self.host}",
             )

@@ -10,13 +10,13 @@ from typing import Any
 
 from .control import EOF_EVENT, ControlStream
 from .errors import KERNEL, VM, LinkDown, RemoteLaunchError
+from .forward import KERNEL_PORT_NAMES
 from .ssh.chain import SSHChain
 from .vm.supervisor import BOOTSTRAP
 
 log = logging.getLogger(__name__)
 
 RUN_ROOT = "~/.relaykernel/run"
-PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 _NOT_FOUND_STATUSES = {126, 127}
 
 
@@ -39,7 +39,7 @@ class RemoteKernel:
 
     @property
     def ports(self) -> dict[str, int]:
-        return {name: int(self.started["ports"][name]) for name in PORT_NAMES}
+        return {name: int(self.started["ports"][name]) for name in KERNEL_PORT_NAMES}
 
     def launch(self, request: dict[str, Any], timeout_seconds: float) -> dict[str, Any]:
         """Start the supervisor and the kernel; the 'started' event, or RemoteLaunchError."""

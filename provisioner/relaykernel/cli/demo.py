@@ -11,8 +11,6 @@ import time
 from typing import Any
 
 import nbformat
-from jupyter_client import KernelManager
-from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 from ..kernelspec import build_kernel_json, install_kernelspec
@@ -43,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     with LoopbackSandbox() as info:
         print(f"  relay {info.relay}   VM (via the relay's forwarded port) {info.vm}", flush=True)
         config = _relay_config(info)
-        if args.keep:
-            return _keep(config)
-        return _run_notebook(config)
+        status = _keep(config) if args.keep else _run_notebook(config)
+    print("\nsandbox stopped; nothing left running.")
+    return status
 
 
 def _relay_config(info: SandboxInfo) -> dict[str, Any]:
@@ -59,24 +57,18 @@ def _relay_config(info: SandboxInfo) -> dict[str, Any]:
 
 def _run_notebook(config: dict[str, Any]) -> int:
     with tempfile.TemporaryDirectory(prefix="relaykernel-demo-") as jupyter_dir:
-        manager = KernelSpecManager(kernel_dirs=[jupyter_dir])
-        spec = build_kernel_json(display_name=DISPLAY_NAME, config=config)
-        os.makedirs(os.path.join(jupyter_dir, SPEC_NAME))
-        with open(os.path.join(jupyter_dir, SPEC_NAME, "kernel.json"), "w") as handle:
-            json.dump(spec, handle)
+        spec_dir = os.path.join(jupyter_dir, "kernels", SPEC_NAME)
+        os.makedirs(spec_dir)
+        with open(os.path.join(spec_dir, "kernel.json"), "w") as handle:
+            json.dump(build_kernel_json(display_name=DISPLAY_NAME, config=config), handle)
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [jupyter_dir, os.environ.get("JUPYTER_PATH")]))
         notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in CELLS])
-        km = KernelManager(kernel_name=SPEC_NAME, kernel_spec_manager=manager)
         started = time.monotonic()
-        try:
-            NotebookClient(notebook, km=km, timeout=60, kernel_name=SPEC_NAME).execute()
-        finally:
-            if km.has_kernel:  # nbclient leaves a kernel manager it was given running
-                km.shutdown_kernel()
+        NotebookClient(notebook, timeout=60, kernel_name=SPEC_NAME).execute()
         print(f"ran {len(CELLS)} cells on the sandbox VM in {time.monotonic() - started:.2f} s:\n")
         for cell in notebook.cells:
             for output in cell.outputs:
                 print(_output_text(output), end="")
-    print("\nsandbox stopped; nothing left running.")
     return 0
 
 

@@ -12,10 +12,10 @@ import uuid
 from typing import Any
 
 from ..errors import ConfigError
+from ..forward import KERNEL_PORT_NAMES
 from ..kernelspec import load_relay_config
 from ..options import RelayOptions
 from ..relayed import RelayedKernel
-from ..remote import PORT_NAMES
 from .options_args import add_connection_flags, given_options
 
 _WATCH_SECONDS = 0.5
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         relayed.start(
             key=info["key"].encode(), signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-            local_ports={name: int(info[name]) for name in PORT_NAMES},
+            local_ports={name: int(info[name]) for name in KERNEL_PORT_NAMES},
         )
         return _supervise(relayed, ended)
     finally:
@@ -54,7 +54,7 @@ def read_connection_file(path: str) -> dict[str, Any]:
             info = json.load(handle)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read the connection file {path}: {error}") from None
-    missing = [name for name in (*PORT_NAMES, "key") if name not in info]
+    missing = [name for name in (*KERNEL_PORT_NAMES, "key") if name not in info]
     if missing:
         raise ConfigError(f"connection file {path} lacks {', '.join(missing)}")
     if info.get("transport", "tcp") != "tcp":
