@@ -53,6 +53,9 @@ def test_a_tunnel_cut_kills_nothing_and_the_same_kernel_answers_after(own_topolo
     assert km.is_alive(), "poll() must not report a death while only the link is down"
     own_topology.tunnel.start()
     assert wait_until(relayed.keeper.link_up.is_set, 20), "no reconnect after the tunnel came back"
+    # ZMQ re-connects each socket on its own; iopub drops what it publishes before its subscriber is back,
+    # so wait as every Jupyter client does (kernel_info until iopub answers too) before running a cell.
+    client.wait_for_ready(timeout=30)
     out, reply = execute(client, "x += 1; print(x)", timeout_seconds=30)
     assert (out.strip(), reply["status"]) == ("42", "ok")
     assert relayed.info()["remote_pid"] == pid_before

@@ -52,6 +52,14 @@ class RelayedKernel:
             self.chain = build_chain(self.options)
         self.chain.connect()
 
+    def listen(self, local_ports: Mapping[str, int]) -> dict[str, int]:
+        """Bind the five local listeners before the kernel exists; they refuse connections until it is up."""
+        if self.forwards is None:
+            # The remote ports are placeholders: _open_channel refuses every connection until start() retargets.
+            self._forward_to(local_ports, local_ports)
+        assert self.forwards is not None
+        return self.forwards.local_ports
+
     def start(self, *, key: bytes, signature_scheme: str, local_ports: Mapping[str, int]) -> dict[str, int]:
         """Launch the kernel with this HMAC key; return the local ports clients should use."""
         try:

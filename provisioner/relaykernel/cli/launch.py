@@ -36,10 +36,12 @@ def run(args: argparse.Namespace) -> int:
     relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex)
     ended = threading.Event()
     _install_signal_handlers(relayed, ended)
+    local_ports = {name: int(info[name]) for name in KERNEL_PORT_NAMES}
     try:
+        relayed.listen(local_ports)  # the client waits for shell and iopub to accept: let them at once
         relayed.start(
             key=info["key"].encode(), signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-            local_ports={name: int(info[name]) for name in KERNEL_PORT_NAMES},
+            local_ports=local_ports,
         )
         return _supervise(relayed, ended)
     finally:
