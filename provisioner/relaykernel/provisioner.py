@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any
+from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from .errors import RelayKernelError
+from .errors import ConfigError, RelayKernelError
 from .forward import KERNEL_PORT_NAMES
 from .offload import run_blocking
 from .options import RelayOptions
@@ -18,7 +18,7 @@ from .relayed import RelayedKernel
 _POLL_INTERVAL_SECONDS = 0.1
 
 
-class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[misc]
+class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[misc,metaclass]
     """Launch the kernel on the VM over SSH and hand the KernelManager local forwarded ports."""
 
     relayed: RelayedKernel | None = None
@@ -39,6 +39,8 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the kernel on the VM and its local forwards (``KernelManager._launch_kernel``)."""
         km = self.parent
+        if km is None:
+            raise ConfigError("RelayProvisioner needs its KernelManager as parent (jupyter_client sets it)")
         if self.relayed is None:
             self.relayed = RelayedKernel(self, kernel_id=self.kernel_id)
         try:
@@ -53,7 +55,7 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
         except BaseException:
             self.relayed = None  # start() has already closed whatever it opened
             raise
-        self.connection_info = {
+        info = {
             "ip": "127.0.0.1",
             "transport": "tcp",
             "key": km.session.key,
@@ -61,6 +63,7 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
             "kernel_name": km.kernel_name,
             **ports,
         }
+        self.connection_info = cast(KernelConnectionInfo, info)
         return self.connection_info
 
     async def poll(self) -> int | None:
