@@ -102,3 +102,11 @@ def stop_process_tree(process: subprocess.Popen[bytes], timeout_seconds: float =
         process.kill()
         process.wait(timeout=timeout_seconds)
     signal_all(stubborn, signal.SIGKILL)
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last lines of a process's log file, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -14,7 +14,7 @@ from typing import Union
 from ..errors import ConfigError, ConnectError
 from .keys import generate_keypair, known_hosts_line, quote_if_spaced, write_lines
 from .ports import LOOPBACK, free_loopback_port, wait_for_ssh_banner
-from .processes import stop_process_tree
+from .processes import log_tail, stop_process_tree
 from .tools import find_tool
 
 AuthorizedKeys = Union[Mapping[str, Sequence[str]], str]  # per-user lines, or an AuthorizedKeysFile pattern
@@ -111,10 +111,7 @@ class SshdServer:
             stop_process_tree(self._process)
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_file, lines)
 
     def __enter__(self) -> SshdServer:
         return self.start()

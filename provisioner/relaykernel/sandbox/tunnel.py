@@ -8,7 +8,7 @@ from types import TracebackType
 
 from ..errors import RELAY, ConnectError, ForwardRefused
 from .ports import LOOPBACK, wait_for_ssh_banner
-from .processes import stop_process_tree
+from .processes import log_tail, stop_process_tree
 from .tools import find_tool
 
 
@@ -98,10 +98,7 @@ class ReverseTunnel:
             stop_process_tree(self._process)
 
     def log_tail(self, lines: int = 10) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_file, lines)
 
     def __enter__(self) -> ReverseTunnel:
         return self.start()
