@@ -129,7 +129,7 @@ class NetnsTopology(LoopbackSandbox):
         assert self.relay_sshd is not None
         socket_path = self.state_dir / "relay.sock"
         listen = f"UNIX-LISTEN:{socket_path},fork,mode=0666"
-        argv = [find_tool("socat"), listen, f"TCP:127.0.0.1:{self.relay_sshd.port}"]
+        argv = [find_tool("socat"), listen, f"TCP:127.0.0.1:{self.relay_sshd.port},nodelay"]
         with open(self.state_dir / "relay/socat.log", "ab") as log:
             bridge = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self._stops.append(lambda: stop_process_tree(bridge))
