@@ -62,6 +62,10 @@ class ForwardRefused(HopError):
     """A hop refused to open a channel to the next one (not forwarded, or not permitted)."""
 
 
+class KernelNotRunning(ForwardRefused):
+    """No kernel is there to connect to: it is restarting, shutting down or has ended (an expected outage)."""
+
+
 class RemoteLaunchError(HopError):
     """The VM could not start the kernel (python, ipykernel, work dir, ports)."""
 

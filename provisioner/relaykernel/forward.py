@@ -11,7 +11,7 @@ from contextlib import suppress
 from types import TracebackType
 from typing import Protocol
 
-from .errors import LOCAL, ConfigError, ForwardBindError
+from .errors import LOCAL, ConfigError, ForwardBindError, KernelNotRunning
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,10 @@ def _shutdown(sock: socket.socket, how: int) -> None:
 
 
 class _OutageLog:
-    """Warns once when channels stop opening and once more when they open again, not per attempt."""
+    """Warns once when channels stop opening and once more when they open again, not per attempt.
+
+    A kernel that is simply not running (restarting, shutting down) is no outage: that is logged at debug level.
+    """
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -62,7 +65,7 @@ class _OutageLog:
     def failed(self, remote_port: int, error: Exception) -> None:
         with self._lock:
             first, self._failing = not self._failing, True
-        level = logging.WARNING if first else logging.DEBUG
+        level = logging.WARNING if first and not isinstance(error, KernelNotRunning) else logging.DEBUG
         log.log(level, "%s: cannot reach remote port %d (%s); closing the local connection so the client "
                 "retries", self._name, remote_port, error)
 

@@ -90,6 +90,11 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
         except RelayKernelError as error:
             self.log.warning("could not deliver signal %s: %s", signum, error)
 
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        """The client sent shutdown_request (``KernelManager._async_shutdown_kernel``): its ports close next."""
+        if self.relayed is not None:
+            self.relayed.expect_exit()
+
     async def kill(self, restart: bool = False) -> None:
         """Kill the remote kernel (``KernelManager._kill_kernel``)."""
         await self.send_signal(signal.SIGKILL)

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import KERNEL, ForwardRefused, RelayKernelError
+from .errors import KERNEL, KernelNotRunning, RelayKernelError
 from .forward import PortForwards
 from .keeper import LinkKeeper
 from .options import RelayOptions
@@ -45,6 +45,7 @@ class RelayedKernel:
         self.forwards: PortForwards | None = None
         self.keeper: LinkKeeper | None = None
         self._lock = threading.Lock()
+        self._exit_expected = False
 
     def connect(self) -> None:
         """Connect the SSH chain (relay, then VM) if it is not up yet."""
@@ -76,7 +77,7 @@ class RelayedKernel:
             timeout_seconds=self.options.command_timeout_seconds,
         )
         remote.launch(self._launch_request(key, signature_scheme), self.options.launch_timeout_seconds)
-        self.remote = remote
+        self.remote, self._exit_expected = remote, False
         bound = self._forward_to(remote.ports, local_ports)
         self.keeper = LinkKeeper(self.chain, remote, self.options)
         self.keeper.start()
@@ -91,8 +92,13 @@ class RelayedKernel:
         if self.remote is not None and self.remote.exit_status() is None:
             self.remote.signal(signum)
 
+    def expect_exit(self) -> None:
+        """A shutdown was requested: the kernel's ports closing from now on is no outage worth a warning."""
+        self._exit_expected = True
+
     def stop_kernel(self) -> int | None:
         """Stop the remote kernel and its supervisor; keep the link and the listeners (for a restart)."""
+        self.expect_exit()
         with self._lock:
             if self.keeper is not None:
                 self.keeper.stop()
@@ -144,8 +150,8 @@ class RelayedKernel:
 
     def _open_channel(self, remote_port: int) -> Any:
         remote, chain = self.remote, self.chain
-        if remote is None or chain is None or remote.exit_status() is not None:
-            raise ForwardRefused(KERNEL, self.kernel_id, "the kernel is not running", "restart the kernel")
+        if self._exit_expected or remote is None or chain is None or remote.exit_status() is not None:
+            raise KernelNotRunning(KERNEL, self.kernel_id, "the kernel is not running", "restart the kernel")
         return chain.open_forward(remote_port)
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import RelayKernelError
+from ..ssh.chain import TRANSPORT_LOGGER
 from . import demo, doctor, install, launch
 
 SUBCOMMANDS = (install, launch, doctor, demo)
@@ -31,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="relaykernel %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("paramiko").setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
+    for noisy in ("paramiko", TRANSPORT_LOGGER):  # every failure that matters reaches the user as an error
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
     try:
         return int(args.run(args) or 0)
     except RelayKernelError as error:

@@ -16,6 +16,19 @@ from .hostkeys import KnownHosts, fingerprint
 
 log = logging.getLogger(__name__)
 
+TRANSPORT_LOGGER = "relaykernel.ssh.transport"
+"""Where our paramiko Transports log (not 'paramiko.transport'), so their noise can be filtered here alone."""
+
+
+class _RefusedOpenFilter(logging.Filter):
+    """Drop paramiko's ERROR per refused channel open: we raise ForwardRefused and log each outage once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "open FAILED" not in str(record.msg)
+
+
+logging.getLogger(TRANSPORT_LOGGER).addFilter(_RefusedOpenFilter())
+
 # GCM first: measured fastest on pulls (FACTS); the rest keep paramiko's order.
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _CHANNEL_OPEN_FAILED = {1: "administratively prohibited", 2: "connect failed"}
@@ -183,6 +196,7 @@ class SSHChain:
     def _start_transport(self, index: int, sock: object) -> paramiko.Transport:
         hop, name = self.hops[index], self.hop_name(index)
         transport = paramiko.Transport(sock)
+        transport.set_log_channel(TRANSPORT_LOGGER)
         known = KnownHosts(hop.known_hosts_files)
         _prefer_fast_and_known(transport, known.key_types_for(hop.known_hosts_name))
         if hop.server_alive_interval_seconds:
