@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import socket
 import time
 import uuid
@@ -126,3 +128,24 @@ def execute(client: Any, code: str, timeout_seconds: float = 30.0) -> tuple[str,
 def environment_without_agent() -> dict[str, str]:
     """os.environ minus ssh-agent, so only the test's keys are offered."""
     return {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+
+
+def wait_like_vscode(client: Any, timeout_seconds: float = 60.0) -> None:
+    """Readiness as VS Code checks it: kernel_info every 500 ms until a reply, then one iopub message.
+
+    No heartbeat: VS Code judges liveness by the process, while jupyter_client's standalone check
+    declares a kernel dead after one missed 1 s heartbeat, which a remote start can take.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    replied = False
+    while time.monotonic() < deadline:
+        if not replied:
+            client.kernel_info()
+            with contextlib.suppress(queue.Empty):
+                replied = client.get_shell_msg(timeout=0.5)["msg_type"] == "kernel_info_reply"
+            continue
+        with contextlib.suppress(queue.Empty):
+            client.get_iopub_msg(timeout=0.5)
+            return
+        client.kernel_info()  # iopub subscribes late: ask again so the kernel publishes a status
+    raise TimeoutError(f"the kernel was not ready within {timeout_seconds:g} s")

@@ -15,7 +15,16 @@ from jupyter_client import BlockingKernelClient, KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
-from helpers import VM_ALIAS, execute, port_accepts, relay_config, vm_pids, wait_until, write_ssh_config
+from helpers import (
+    VM_ALIAS,
+    execute,
+    port_accepts,
+    relay_config,
+    vm_pids,
+    wait_like_vscode,
+    wait_until,
+    write_ssh_config,
+)
 from relaykernel.forward import KERNEL_PORT_NAMES
 from relaykernel.sandbox.ports import free_loopback_ports
 
@@ -109,7 +118,7 @@ def test_the_argv_launch_path_runs_interrupts_and_stops_on_sigterm(topology, tmp
         # as VS Code does: shell and iopub accept TCP first, then kernel_info until a reply
         assert wait_until(lambda: all(port_accepts(ports[n]) for n in ("shell_port", "iopub_port")), 60)
         client.start_channels()
-        client.wait_for_ready(timeout=60)
+        wait_like_vscode(client)
         out, _ = execute(client, "print(6 * 7)")
         assert out.strip() == "42"
         client.execute("import time; print('sleeping', flush=True); time.sleep(60)")
