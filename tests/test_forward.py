@@ -339,6 +339,30 @@ def test_close_connections_keeps_listening(start_server, start_forwarder) -> Non
         assert new.recv(1) == b"A"
 
 
+def test_close_connections_while_clients_keep_connecting(start_server, start_forwarder) -> None:
+    """A retarget (close_connections) racing new accepts must neither raise nor leave a thread behind."""
+    forwarder = start_forwarder(start_server(echo).port)
+    stop = threading.Event()
+
+    def keep_connecting() -> None:
+        while not stop.is_set():
+            with suppress(OSError), connect(forwarder.local_port):
+                pass
+
+    clients = [threading.Thread(target=keep_connecting, name=f"test-client-{n}") for n in range(4)]
+    for client in clients:
+        client.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            forwarder.close_connections()
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    assert wait_until(lambda: not forward_threads()), "connections whose clients left must end"
+
+
 def test_stop_with_idle_connections_is_prompt_and_clean(start_server) -> None:
     server = start_server(banner_then_echo(b"A"))
     before = set(threading.enumerate())

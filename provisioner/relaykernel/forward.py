@@ -118,6 +118,8 @@ class _Connection:
 
     def _claim(self, channel: ChannelLike | None) -> ChannelLike | None:
         """Keep the new channel unless abort() came while it was opening."""
+        if channel is not None:
+            channel.settimeout(None)  # blocking reads: an idle port must not time out; set before abort() sees it
         with self._lock:
             if not self._aborted:
                 self._channel = channel
@@ -127,7 +129,6 @@ class _Connection:
         return None
 
     def _relay(self, channel: ChannelLike) -> None:
-        channel.settimeout(None)  # blocking reads: an idle kernel port must not time out
         down = threading.Thread(target=self._pump, name=f"{self._label}-down", daemon=True,
                                 args=(channel.recv, self._client.sendall,
                                       lambda: self._client.shutdown(socket.SHUT_WR)))
@@ -264,9 +265,9 @@ class LocalForwarder:
         label = f"relaykernel-forward-{self.name}-{next(self._numbers)}"
         connection = _Connection(client, label, connect=self._connect, read_size_bytes=self._read_size_bytes,
                                  on_finished=self._forget)
-        with self._lock:
+        with self._lock:  # started under the lock: close_connections() never sees an unstarted thread to join
             self._active.add(connection)
-        connection.owner.start()
+            connection.owner.start()
 
     def _connect(self) -> ChannelLike | None:
         """A channel to the remote port, or None (logged once per outage) so the client retries."""
