@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from dataclasses import dataclass, field
 
 import paramiko
+from paramiko import ProxyCommand
 
 from ..errors import RELAY, VM, ConnectError, ForwardRefused, HopError, LinkDown
 from .auth import authenticate
 from .config import HopSettings
 from .hostkeys import KnownHosts, fingerprint
+from .proxy import DetachedProxyCommand
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +162,9 @@ class SSHChain:
             self._switch_on_nodelay(transport)
         return transport
 
-    def _first_socket(self, hop: HopSettings) -> socket.socket | paramiko.ProxyCommand:
+    def _first_socket(self, hop: HopSettings) -> socket.socket | ProxyCommand:
         if hop.proxy_command:
-            return paramiko.ProxyCommand(hop.proxy_command)
+            return DetachedProxyCommand(hop.proxy_command) if os.name == "posix" else ProxyCommand(hop.proxy_command)
         timeout = hop.connect_timeout_seconds or self.policy.connect_timeout_seconds
         try:
             sock = socket.create_connection((hop.hostname, hop.port), timeout=timeout)
