@@ -26,7 +26,7 @@ def test_there_is_a_stock_spec_per_platform():
 @pytest.mark.parametrize("name", STOCK_NAMES)
 def test_stock_spec_installs_with_jupyter_and_selects_the_provisioner(name, tmp_path):
     spec = json.loads((STOCK / name / "kernel.json").read_text())
-    assert check_kernel_json(spec) == []
+    assert check_kernel_json(spec, template=True) == []
     subprocess.run(
         [
             sys.executable,
@@ -106,5 +106,51 @@ def test_display_name_must_be_unique(tmp_path):
 def test_check_names_every_vs_code_rule():
     spec = {"argv": ["python", "-m", "ipykernel_launcher", "{connection_file}", "{prefix}"], "language": "r"}
     problems = " ".join(check_kernel_json(spec))
-    for fragment in ("ipykernel", "{prefix}", "language", "interrupt_mode", "provisioner_name"):
+    for fragment in ("argv[0]", "ipykernel", "{prefix}", "language", "interrupt_mode", "display_name",
+                     "provisioner_name"):
         assert fragment in problems
+    assert "{connection_file}" in " ".join(check_kernel_json({"argv": ["/py", "--f={connection_file}"]}))
+
+
+def test_only_a_template_may_leave_python_to_jupyter():
+    spec = build_kernel_json(display_name="x", config={"host": "a"}, python="python3")
+    assert check_kernel_json(spec, template=True) == []
+    assert any("absolute" in problem for problem in check_kernel_json(spec))
+
+
+@pytest.mark.parametrize("name", STOCK_NAMES)
+def test_install_from_a_stock_spec_makes_it_ready_for_vs_code(name, tmp_path, capsys):
+    assert main(["install", "--from", str(STOCK / name), "--prefix", str(tmp_path)]) == 0
+    installed = json.loads((tmp_path / "share/jupyter/kernels" / name / "kernel.json").read_text())
+    stock = json.loads((STOCK / name / "kernel.json").read_text())
+    assert installed["argv"][0] == sys.executable
+    assert installed["argv"][1:] == stock["argv"][1:]
+    assert installed["display_name"] == stock["display_name"]
+    assert installed["metadata"] == stock["metadata"]
+    assert check_kernel_json(installed) == []
+
+
+def test_install_from_a_stock_spec_with_another_host_renames_it(tmp_path):
+    args = ["install", "--from", str(STOCK / "colab"), "--name", "colab2", "--host", "colab2", "--prefix"]
+    assert main([*args, str(tmp_path)]) == 0
+    installed = json.loads((tmp_path / "share/jupyter/kernels/colab2/kernel.json").read_text())
+    assert installed["display_name"] == "Python on colab2 (relaykernel)"
+    assert installed["metadata"]["kernel_provisioner"]["config"]["remote_workdir"] == "/content/relaykernel"
+
+
+def test_install_never_shadows_another_kernel(tmp_path):
+    kernels = tmp_path / "share/jupyter/kernels"
+    (kernels / "python3").mkdir(parents=True)
+    (kernels / "python3/kernel.json").write_text(json.dumps({"argv": ["python3"], "display_name": "Python 3",
+                                                              "language": "python"}))
+    ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
+    spec = build_kernel_json(display_name="Relay", config={"host": "a"})
+    with pytest.raises(ConfigError, match="not a relaykernel spec"):
+        install_kernelspec(name="python3", kernel_json=spec, prefix=str(tmp_path), manager=ksm)
+    install_kernelspec(name="relay", kernel_json=spec, prefix=str(tmp_path), manager=ksm)
+    install_kernelspec(name="relay", kernel_json=spec, prefix=str(tmp_path), manager=ksm)  # replacing itself is fine
+
+
+def test_install_needs_a_host(tmp_path, capsys):
+    assert main(["install", "--name", "x", "--prefix", str(tmp_path)]) == 1
+    assert "--host" in capsys.readouterr().err

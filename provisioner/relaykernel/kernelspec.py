@@ -40,10 +40,21 @@ def build_kernel_json(*, display_name: str, config: dict[str, Any], python: str 
     }
 
 
-def check_kernel_json(spec: dict[str, Any]) -> list[str]:
-    """What is wrong with a relay kernelspec for JupyterLab and VS Code; empty when nothing."""
+TEMPLATE_PYTHON = "python3"
+"""argv[0] of the stock specs: jupyter_client runs its own python; `relaykernel install --from` makes it absolute."""
+
+
+def check_kernel_json(spec: dict[str, Any], *, template: bool = False) -> list[str]:
+    """What is wrong with a relay kernelspec for JupyterLab and VS Code; empty when nothing.
+
+    A ``template`` (a stock spec in the repository) may name ``python3`` in argv[0], since no file can know the
+    absolute path of the python it will be installed for; an installed spec must name it.
+    """
     problems = []
     argv = spec.get("argv") or []
+    if not argv or not (os.path.isabs(argv[0]) or (template and argv[0] == TEMPLATE_PYTHON)):
+        problems.append("argv[0] must be the absolute path of a python with relaykernel (VS Code hides a python "
+                        "kernelspec whose argv[0] it cannot resolve)")
     if "{connection_file}" not in argv:
         problems.append("argv must hold '{connection_file}' as an argument of its own")
     for item in argv:
@@ -56,6 +67,8 @@ def check_kernel_json(spec: dict[str, Any]) -> list[str]:
         problems.append('"language" must be "python"')
     if spec.get("interrupt_mode") != "signal":
         problems.append('"interrupt_mode" must be "signal"')
+    if not str(spec.get("display_name", "")).strip():
+        problems.append('"display_name" must name the kernel in the picker')
     provisioner = spec.get("metadata", {}).get("kernel_provisioner", {})
     if provisioner.get("provisioner_name") != PROVISIONER_NAME:
         problems.append(f'metadata.kernel_provisioner.provisioner_name must be "{PROVISIONER_NAME}"')
@@ -79,25 +92,43 @@ def install_kernelspec(
     if problems:
         raise ConfigError("this kernelspec would not work: " + "; ".join(problems))
     manager = manager or KernelSpecManager()
-    _check_display_name_unique(manager, name, kernel_json["display_name"])
+    _check_unique(manager, name, kernel_json["display_name"])
     with tempfile.TemporaryDirectory(prefix="relaykernel-spec-") as staging:
         Path(staging, "kernel.json").write_text(json.dumps(kernel_json, indent=2) + "\n")
         return manager.install_kernel_spec(staging, kernel_name=name, user=user, prefix=prefix)
 
 
-def load_relay_config(resource_dir: str) -> dict[str, Any]:
-    """The provisioner config stored in a kernelspec directory (for ``relaykernel launch``)."""
+def load_kernel_json(resource_dir: str) -> dict[str, Any]:
+    """A kernelspec directory's kernel.json, or ConfigError naming the file."""
     path = os.path.join(resource_dir, "kernel.json")
     try:
         with open(path) as handle:
             spec = json.load(handle)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read kernelspec {path}: {error}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"kernelspec {path} is not a JSON object")
+    return spec
+
+
+def load_relay_config(resource_dir: str) -> dict[str, Any]:
+    """The provisioner config stored in a kernelspec directory (for ``relaykernel launch``)."""
+    spec = load_kernel_json(resource_dir)
     return dict(spec.get("metadata", {}).get("kernel_provisioner", {}).get("config", {}))
 
 
-def _check_display_name_unique(manager: KernelSpecManager, name: str, display_name: str) -> None:
+def _check_unique(manager: KernelSpecManager, name: str, display_name: str) -> None:
+    """The name may replace an earlier relay spec of that name, never another kernel; display names stay unique."""
     for other, info in manager.get_all_specs().items():
-        if other != name and info.get("spec", {}).get("display_name") == display_name:
+        spec = info.get("spec", {})
+        if other == name and _provisioner_name(spec) != PROVISIONER_NAME:
+            where = info.get("resource_dir")
+            msg = f"kernel {name!r} already exists at {where} and is not a relaykernel spec: pick another --name"
+            raise ConfigError(msg)
+        if other != name and spec.get("display_name") == display_name:
             msg = f"kernel {other!r} already shows as {display_name!r}: pick another --display-name"
             raise ConfigError(msg)
+
+
+def _provisioner_name(spec: dict[str, Any]) -> str:
+    return str((spec.get("metadata") or {}).get("kernel_provisioner", {}).get("provisioner_name", ""))

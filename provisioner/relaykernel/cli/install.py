@@ -5,16 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
-from ..kernelspec import build_kernel_json, check_name, install_kernelspec
+from ..errors import ConfigError
+from ..kernelspec import build_kernel_json, check_name, install_kernelspec, load_kernel_json
 from ..options import RelayOptions
 from .options_args import add_connection_flags, given_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("install", help="install a kernelspec for a kernel on the VM")
-    parser.add_argument("--name", required=True, help="kernelspec name (letters, digits, . _ -)")
-    parser.add_argument("--host", required=True, help=RelayOptions.class_traits()["host"].help)
+    parser.add_argument(
+        "--from", dest="template", metavar="DIR",
+        help="start from this kernelspec directory (e.g. kernelspecs/colab): its name, display name and settings "
+        "are the defaults, and argv[0] becomes this python's absolute path (what VS Code needs)",
+    )
+    parser.add_argument("--name", help="kernelspec name (letters, digits, . _ -); default: the --from directory's")
+    parser.add_argument("--host", help=RelayOptions.class_traits()["host"].help)
     parser.add_argument("--display-name", help="name shown in the kernel picker (default: 'Python on HOST')")
     add_connection_flags(parser)
     where = parser.add_mutually_exclusive_group()
@@ -25,19 +32,43 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = {"host": args.host, **given_options(args)}
-    if "ssh_config_file" in config:
-        config["ssh_config_file"] = os.path.abspath(os.path.expanduser(config["ssh_config_file"]))
-    if "identity_file" in config:
-        config["identity_file"] = os.path.abspath(os.path.expanduser(config["identity_file"]))
+    template = load_kernel_json(args.template) if args.template else {}
+    config = _config(args, template)
     RelayOptions(**config)  # validate now, not when the kernel starts
-    display_name = args.display_name or f"Python on {args.host} (relaykernel)"
+    name = args.name or (os.path.basename(os.path.normpath(args.template)) if args.template else "")
+    if not name:
+        raise ConfigError("name the kernelspec: --name NAME (or start from a stock spec with --from DIR)")
+    display_name = _display_name(args, template, config["host"])
     prefix = sys.prefix if args.sys_prefix else args.prefix
     path = install_kernelspec(
-        name=check_name(args.name), kernel_json=build_kernel_json(display_name=display_name, config=config),
+        name=check_name(name), kernel_json=build_kernel_json(display_name=display_name, config=config),
         user=prefix is None, prefix=prefix,
     )
-    print(f"installed kernelspec {args.name!r} in {path}")
+    print(f"installed kernelspec {name!r} in {path}")
     print(f"select {display_name!r} in JupyterLab's or VS Code's kernel picker; check the path with:")
-    print(f"  relaykernel doctor {args.host}" + (f" --jump {args.jump}" if args.jump else ""))
+    jump = config.get("jump")
+    print(f"  relaykernel doctor {config['host']}" + (f" --jump {jump}" if jump else ""))
     return 0
+
+
+def _config(args: argparse.Namespace, template: dict[str, Any]) -> dict[str, Any]:
+    """The template's provisioner config, overridden by the flags given; paths made absolute."""
+    config = dict(template.get("metadata", {}).get("kernel_provisioner", {}).get("config", {}))
+    config.update(given_options(args))
+    if args.host:
+        config["host"] = args.host
+    if not config.get("host"):
+        raise ConfigError("name the VM: --host DEST (an ssh config alias such as 'colab', or user@host:port)")
+    for key in ("ssh_config_file", "identity_file"):
+        if config.get(key):
+            config[key] = os.path.abspath(os.path.expanduser(config[key]))
+    return config
+
+
+def _display_name(args: argparse.Namespace, template: dict[str, Any], host: str) -> str:
+    """The flag's, else the template's unless --host changed the VM it names, else 'Python on HOST'."""
+    if args.display_name:
+        return str(args.display_name)
+    if template.get("display_name") and not args.host:
+        return str(template["display_name"])
+    return f"Python on {host} (relaykernel)"
