@@ -130,7 +130,7 @@ def environment_without_agent() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
 
 
-def wait_like_vscode(client: Any, timeout_seconds: float = 60.0) -> None:
+def wait_like_vscode(client: Any, timeout_seconds: float = 60.0, alive: Callable[[], bool] = lambda: True) -> None:
     """Readiness as VS Code checks it: kernel_info every 500 ms until a reply, then one iopub message.
 
     No heartbeat: VS Code judges liveness by the process, while jupyter_client's standalone check
@@ -139,6 +139,8 @@ def wait_like_vscode(client: Any, timeout_seconds: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_seconds
     replied = False
     while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("the kernel process exited while starting")
         if not replied:
             client.kernel_info()
             with contextlib.suppress(queue.Empty):
