@@ -15,6 +15,7 @@ from ..errors import RELAY, VM, ConnectError, ForwardRefused, HopError, LinkDown
 from .auth import authenticate
 from .config import HopSettings
 from .hostkeys import KnownHosts, fingerprint
+from .jump import JumpSocket
 from .proxy import DetachedProxyCommand
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,9 @@ class SSHChain:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return sock
 
-    def _open_jump(self, index: int) -> paramiko.Channel:
+    def _open_jump(self, index: int) -> JumpSocket:
         hop = self.hops[index]
-        return self._open_direct(self._transports[index - 1], index - 1, hop.hostname, hop.port)
+        return JumpSocket(self._open_direct(self._transports[index - 1], index - 1, hop.hostname, hop.port))
 
     def _open_direct(
         self, transport: paramiko.Transport, index: int, host: str, port: int
