@@ -41,3 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a bug: still a short paragraph (VS Code shows stderr), the traceback on demand
+        if args.debug:
+            raise
+        print(f"relaykernel: unexpected {type(error).__name__}: {error}\n"
+              "  fix: rerun with --debug for the traceback, and please report it", file=sys.stderr)
+        return 1
