@@ -296,6 +296,31 @@ def test_renewals_keep_the_kernel_past_its_lease(launched: Callable[..., tuple])
     shut_down(run)
 
 
+def test_peeking_reports_status_without_renewing_the_lease(launched: Callable[..., tuple]) -> None:
+    run, started, _ = launched(lease_seconds=2.0)
+    for _ in range(3):
+        run.send({"op": "peek"})
+        peeked = run.event()
+        assert peeked["event"] == "status" and peeked["pid"] == started["pid"] and peeked["lease_seconds"] == 2.0
+        time.sleep(0.4)
+    assert peeked["lease_left_seconds"] < 1.2, "a peek must not renew the lease"
+    assert run.event(timeout=5)["why"] == "lease"
+
+
+def test_the_notebook_environment_reaches_the_kernel(
+    launched: Callable[..., tuple], kernel_client: Callable[[dict], BlockingKernelClient], tmp_path: Path
+) -> None:
+    env_file = tmp_path / "home/.relaykernel/notebook-env.json"
+    env_file.parent.mkdir(parents=True)
+    env_file.write_text(json.dumps({"LD_LIBRARY_PATH": "/usr/lib64-nvidia", "RELAYKERNEL_TEST": "notebook"}))
+    _, started, _ = launched()
+    outputs: list[dict] = []
+    code = "import os; (os.environ['LD_LIBRARY_PATH'], os.environ['RELAYKERNEL_TEST'])"
+    kernel_client(started).execute_interactive(code, timeout=EVENT_TIMEOUT_SECONDS, output_hook=outputs.append)
+    results = [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"]
+    assert results == [repr(("/usr/lib64-nvidia", "1"))], "the request's env must win over the notebook's"
+
+
 def test_closed_stdin_leaves_the_kernel_running_for_attach(
     launched: Callable[..., tuple], spawn: Callable[..., SupervisorRun]
 ) -> None:

@@ -12,6 +12,10 @@ First line, the request, one of:
 ID matches KERNEL_ID_PATTERN; key, kernel_id, python_argv and lease_seconds are required for launch (the rest
 default as in LAUNCH_DEFAULTS). Paths expand "~" on the VM; workdir is created with its parents if missing.
 
+The kernel's environment is the session's, then NOTEBOOK_ENV_FILE's variables when that file exists (what the
+heartbeat cell captured from the notebook: PATH, LD_LIBRARY_PATH, CUDA_* …, so the kernel sees the GPU as the
+notebook does), then the request's env.
+
 Launch answers {"event": "started", "pid", "pgid", "ports": {<PORT_NAMES>: int}, "run_dir", "workdir"} or
 {"event": "error", "reason": one of ERROR_REASONS, "message"} and exits EXIT_LAUNCH_FAILED. The kernel runs in
 its own session with ports bound on 127.0.0.1; its files live in <run_root>/<kernel_id> (mode 0700).
@@ -19,10 +23,13 @@ its own session with ports bound on 127.0.0.1; its files live in <run_root>/<ker
 Control lines, on stdin or on any connection to <run dir>/control.sock (attach bridges to that socket):
   {"op": "renew"}               -> {"event": "renewed", "lease_left_seconds"}
   {"op": "signal", "signum": n} -> {"event": "signalled", "signum"}   (sent to the kernel's process group)
-  {"op": "status"}              -> {"event": "status", "alive", "pid", "ports", "lease_left_seconds"}
+  {"op": "status"}              -> {"event": "status", "alive", "pid", "ports", "lease_left_seconds",
+                                    "lease_seconds"}
+  {"op": "peek"}                -> the same status, and the only line that does NOT renew the lease (for
+                                   onlookers such as the heartbeat cell, which must not keep orphans alive)
   {"op": "shutdown"}            -> SIGTERM, SHUTDOWN_GRACE_SECONDS, SIGKILL, then "exited" (below)
   anything else                 -> {"event": "error", "reason": "request", "message"}; the supervisor goes on
-Every line renews the lease. When the kernel stops (by itself, on shutdown, at lease expiry or on SIGTERM to
+Every other line renews the lease. When the kernel stops (by itself, on shutdown, at lease expiry or on SIGTERM to
 the supervisor) every stream gets {"event": "exited", "status": returncode, "why": one of END_REASONS}, the
 run dir is removed, <run_root>/<kernel_id>.ended keeps one line saying why, and the supervisor exits EXIT_OK.
 Stdin EOF is not an end: the kernel lives on under the lease. Attach with nothing there answers
@@ -78,6 +85,7 @@ CONTROL_SOCKET = "control.sock"
 KERNEL_LOG = "kernel.log"
 SUPERVISOR_LOG = "supervisor.log"
 ENDED_SUFFIX = ".ended"
+NOTEBOOK_ENV_FILE = "~/.relaykernel/notebook-env.json"  # written by relaykernel.vm.notebook_env
 ENDED_MAX_AGE_SECONDS = 86400.0
 SHUTDOWN_GRACE_SECONDS = 3.0
 PORT_POLL_SECONDS = 0.05
@@ -272,6 +280,7 @@ def write_connection_file(path: str, key: str, scheme: str) -> None:
 def start_kernel(request: dict, run_dir: RunDir, workdir: str) -> subprocess.Popen:
     argv = request["python_argv"] + ["-m", request["kernel_module"], "-f", run_dir.file(CONNECTION_FILE)]
     env = dict(os.environ)
+    env.update(read_notebook_env())
     env.update(request["env"])
     kernel_log = os.open(run_dir.file(KERNEL_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
@@ -286,6 +295,18 @@ def start_kernel(request: dict, run_dir: RunDir, workdir: str) -> subprocess.Pop
         raise RequestError("request", f"bad python_argv or env: {exc}") from None
     finally:
         os.close(kernel_log)
+
+
+def read_notebook_env() -> dict:
+    """The notebook's captured variables, or {} when there are none (or the file is not usable)."""
+    try:
+        with open(os.path.expanduser(NOTEBOOK_ENV_FILE)) as handle:
+            captured = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(captured, dict):
+        return {}
+    return {k: v for k, v in captured.items() if isinstance(k, str) and isinstance(v, str) and "=" not in k}
 
 
 def read_ports(conn_path: str) -> dict[str, int] | None:
@@ -402,7 +423,7 @@ class KernelSupervisor:
         self.streams: list[ControlStream] = []
         self.end_reason: str | None = None
         self.ops = {"renew": self.op_renew, "signal": self.op_signal, "status": self.op_status,
-                    "shutdown": self.op_shutdown}
+                    "peek": self.op_status, "shutdown": self.op_shutdown}
 
     def lease_left(self) -> float:
         return round(max(0.0, self.lease_deadline - time.monotonic()), 3)
@@ -450,11 +471,12 @@ class KernelSupervisor:
                 log.info("ignored SIGHUP")
 
     def handle_line(self, stream: ControlStream, line: bytes) -> None:
-        self.lease_deadline = time.monotonic() + self.lease_seconds
         try:
             message = json.loads(line)
         except ValueError:
             message = None
+        if not (isinstance(message, dict) and message.get("op") == "peek"):
+            self.lease_deadline = time.monotonic() + self.lease_seconds
         handler = self.ops.get(str(message.get("op"))) if isinstance(message, dict) else None
         if handler is None:
             ops = ", ".join(sorted(self.ops))
@@ -478,7 +500,7 @@ class KernelSupervisor:
     def op_status(self, stream: ControlStream, message: dict) -> None:
         alive = self.kernel.poll() is None
         stream.send({"event": "status", "alive": alive, "pid": self.kernel.pid, "ports": self.ports,
-                     "lease_left_seconds": self.lease_left()})
+                     "lease_left_seconds": self.lease_left(), "lease_seconds": self.lease_seconds})
 
     def op_shutdown(self, stream: ControlStream, message: dict) -> None:
         log.info("%s: shutdown requested", stream.name)
