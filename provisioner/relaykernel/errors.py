@@ -70,6 +70,10 @@ class RemoteLaunchError(HopError):
     """The VM could not start the kernel (python, ipykernel, work dir, ports)."""
 
 
+class VMSetupError(HopError):
+    """A step of the bootstrap cell on the VM failed (sshd, keys, storage, tunnel)."""
+
+
 class LinkDown(HopError):
     """The SSH link is down right now; callers may retry after it is rebuilt."""
 

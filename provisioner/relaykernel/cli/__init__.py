@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from ..errors import RelayKernelError
 from ..ssh.chain import TRANSPORT_LOGGER
-from . import demo, doctor, install, launch
+from . import cell, demo, doctor, install, launch
 
-SUBCOMMANDS = (install, launch, doctor, demo)
+SUBCOMMANDS = (install, launch, doctor, demo, cell)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,198 @@
+"""The bootstrap and heartbeat cell: set the VM up, keep its tunnel to the relay, and show one live status.
+
+The cell ``relaykernel cell`` prints calls ``run()``; everything here needs only the standard library and the
+OpenSSH binaries (sshd, ssh, ssh-keygen), so it runs on any notebook VM.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import VM, VMSetupError
+from ..ssh.destination import Destination
+from .keys import KeyPair, stable_key
+from .notebook_env import capture_notebook_env
+from .platforms import PLATFORMS, Platform
+from .sshd import SshdInfo, ensure_sshd
+from .status import VMStatus, gpu_summary, kernel_leases, runtime_left_seconds
+from .supervisor import LAUNCH_DEFAULTS
+from .tunnel import UP, TunnelSupervisor
+
+HOST_KEY_NAME = "ssh_host_ed25519_key"
+TUNNEL_KEY_NAME = "tunnel_ed25519_key"
+_FIRST_UP_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class CellSettings:
+    """Everything the cell was asked to do, with the platform's defaults filled in."""
+
+    platform: Platform
+    relay: str
+    remote_port: int
+    authorized_keys: tuple[str, ...]
+    storage_dir: Path
+    state_dir: Path
+    heartbeat_seconds: float
+    sshd_port: int
+    ssh_options: tuple[str, ...]
+    laptop_alias: str
+
+
+def run(*, platform: str, relay: str, remote_port: int = 7423, authorized_keys: Sequence[str] = (),
+        storage_dir: str = "", state_dir: str = "~/.relaykernel/vm", heartbeat_seconds: float = 60.0,
+        sshd_port: int = 22, ssh_options: Sequence[str] = (), laptop_alias: str = "") -> None:
+    """Set the VM up, then show the status every heartbeat_seconds until the cell is interrupted."""
+    settings = settings_for(platform=platform, relay=relay, remote_port=remote_port, authorized_keys=authorized_keys,
+                            storage_dir=storage_dir, state_dir=state_dir, heartbeat_seconds=heartbeat_seconds,
+                            sshd_port=sshd_port, ssh_options=ssh_options, laptop_alias=laptop_alias)
+    HeartbeatCell(settings).run()
+
+
+def settings_for(*, platform: str, relay: str, remote_port: int, authorized_keys: Sequence[str], storage_dir: str,
+                 state_dir: str, heartbeat_seconds: float, sshd_port: int, ssh_options: Sequence[str],
+                 laptop_alias: str) -> CellSettings:
+    """Check the arguments once, with a fix for each mistake."""
+    if platform not in PLATFORMS:
+        raise VMSetupError(VM, "cell", f"unknown platform {platform!r}", f"use one of {', '.join(PLATFORMS)}")
+    preset = PLATFORMS[platform]
+    Destination.parse(relay)
+    for name, port in (("remote_port", remote_port), ("sshd_port", sshd_port)):
+        if not 0 < port < 65536:
+            raise VMSetupError(VM, "cell", f"{name} = {port} is not a TCP port", "use 1..65535")
+    if heartbeat_seconds < 1:
+        raise VMSetupError(VM, "cell", f"heartbeat_seconds = {heartbeat_seconds} is too small", "use 1 or more")
+    return CellSettings(
+        platform=preset, relay=relay, remote_port=remote_port,
+        authorized_keys=tuple(line.strip() for line in authorized_keys if line.strip()),
+        storage_dir=Path(os.path.expanduser(storage_dir or preset.storage_dir)),
+        state_dir=Path(os.path.expanduser(state_dir)), heartbeat_seconds=heartbeat_seconds, sshd_port=sshd_port,
+        ssh_options=tuple(ssh_options), laptop_alias=laptop_alias or preset.laptop_alias,
+    )
+
+
+class HeartbeatCell:
+    """The cell's life: set up, print what the laptop and the relay need, then one status updated in place."""
+
+    def __init__(self, settings: CellSettings) -> None:
+        self.settings = settings
+        self.log_file = settings.state_dir / "cell.log"
+        self.status_file = settings.state_dir / "status.json"
+        self.tunnel: TunnelSupervisor | None = None
+        self.tunnel_key: KeyPair | None = None
+        self._display: Any = None
+
+    def run(self) -> None:
+        try:
+            sshd = self.set_up()
+            self._introduce(sshd)
+            while True:
+                self.show(self.snapshot())
+                time.sleep(self.settings.heartbeat_seconds)
+        except KeyboardInterrupt:
+            self._say("interrupted: taking the tunnel down (kernels keep running under their leases)")
+        finally:
+            self.stop()
+
+    def set_up(self) -> SshdInfo:
+        """Keys, sshd, the notebook's environment and the tunnel; returns the sshd the tunnel exposes."""
+        settings = self.settings
+        self._check_storage()
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        keys_dir = settings.state_dir / "keys"
+        host_key = None
+        if os.geteuid() == 0:
+            host_key = stable_key(storage_dir=settings.storage_dir / "host_keys", local_dir=keys_dir,
+                                  name=HOST_KEY_NAME, comment="relaykernel-vm-host")
+        self.tunnel_key = stable_key(storage_dir=settings.storage_dir, local_dir=keys_dir, name=TUNNEL_KEY_NAME,
+                                     comment=f"relaykernel-vm-tunnel-{settings.platform.name}")
+        sshd = ensure_sshd(state_dir=settings.state_dir / "sshd", port=settings.sshd_port,
+                           authorized_keys=list(settings.authorized_keys), host_key=host_key)
+        capture_notebook_env()
+        self.tunnel = TunnelSupervisor(
+            relay=settings.relay, remote_port=settings.remote_port, sshd_port=sshd.port,
+            identity_file=self.tunnel_key.private_file, known_hosts_file=settings.storage_dir / "relay_known_hosts",
+            log_file=settings.state_dir / "tunnel.log", ssh_options=settings.ssh_options,
+        ).start()
+        self.tunnel.wait_until_up(_FIRST_UP_SECONDS)
+        return sshd
+
+    def snapshot(self) -> VMStatus:
+        assert self.tunnel is not None
+        return VMStatus(
+            at=time.time(), platform=self.settings.platform.name, relay=self.settings.relay,
+            remote_port=self.settings.remote_port, tunnel=self.tunnel.state,
+            kernels=kernel_leases(str(LAUNCH_DEFAULTS["run_root"])), gpu=gpu_summary(),
+            runtime_left_seconds=runtime_left_seconds(self.settings.platform.runtime_limit_hours),
+        )
+
+    def show(self, status: VMStatus) -> None:
+        """Update the one status display (a new line per beat outside IPython), the status file and the log."""
+        text = status.as_text(self.settings.platform.title, self.log_file)
+        staging = self.status_file.with_suffix(".tmp")
+        staging.write_text(status.as_json())
+        os.replace(staging, self.status_file)
+        with open(self.log_file, "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} tunnel {status.tunnel.status}, "
+                      f"{len(status.kernels)} kernel(s)\n")
+        self._update_display(text)
+
+    def stop(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.stop()
+            self.show(self.snapshot())
+
+    def _check_storage(self) -> None:
+        parent = self.settings.storage_dir.parent
+        if not parent.is_dir():
+            fix = ("mount Google Drive first (from google.colab import drive; drive.mount('/content/drive'))"
+                   if self.settings.platform.name == "colab" else "create it, or pass another storage directory")
+            raise VMSetupError(VM, "storage", f"{parent} does not exist, so keys cannot outlive this VM", fix)
+
+    def _introduce(self, sshd: SshdInfo) -> None:
+        settings = self.settings
+        fingerprint = _fingerprint(sshd.host_public_key)
+        kept = f"kept in {settings.storage_dir / 'host_keys'}" if sshd.managed else "the platform's own sshd"
+        lines = [
+            f"VM host key {fingerprint} ({kept})",
+            f"on your laptop, trust it once:  relaykernel trust {settings.laptop_alias} --fingerprint {fingerprint}",
+        ]
+        if self.tunnel is not None and self.tunnel_key is not None and self.tunnel.state.status != UP:
+            endpoint = f"127.0.0.1:{settings.remote_port}"
+            lines += [
+                f"the tunnel is not up yet ({self.tunnel.state.detail}); if the relay does not know this VM's key,",
+                "add this line to the relay user's ~/.ssh/authorized_keys (once: the key is kept in storage):",
+                f'  restrict,port-forwarding,permitlisten="{endpoint}" {self.tunnel_key.public_key}',
+            ]
+        for line in lines:
+            self._say(line)
+
+    def _say(self, line: str) -> None:
+        print(line, flush=True)
+        with open(self.log_file, "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def _update_display(self, text: str) -> None:
+        try:
+            from IPython import get_ipython
+            from IPython.display import Pretty, display
+        except ImportError:
+            get_ipython = None  # noqa: N806 - a plain python process: print each beat
+        if get_ipython is None or get_ipython() is None:
+            print(text, "\n", flush=True)
+        elif self._display is None:
+            self._display = display(Pretty(text), display_id=True)
+        else:
+            self._display.update(Pretty(text))
+
+
+def _fingerprint(public_key_line: str) -> str:
+    blob = base64.b64decode(public_key_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

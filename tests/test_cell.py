@@ -1,0 +1,232 @@
+"""The bootstrap cell run on a bare VM as a notebook would run it, then a kernel started through what it set up."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cell_topology import VM_ALIAS, CellTopology
+from helpers import execute, kernel_manager, wait_until
+from relaykernel.cli.cell import cell_source
+from relaykernel.sandbox.keys import known_hosts_line
+from topology import VM_USER
+
+pytestmark = [pytest.mark.usefixtures("no_ssh_agent"), pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None, reason="the cell tests build a network namespace: root only")]
+UP_SECONDS = 20.0
+MARKER = "RELAYKERNEL_NOTEBOOK_MARKER"
+
+
+@pytest.fixture
+def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+@pytest.fixture
+def vm(tmp_path):
+    topology = CellTopology().start()
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture
+def root_state(tmp_path):
+    """The cell's local state for root: under /root (sshd's StrictModes refuses keys below /tmp)."""
+    state = Path.home() / ".relaykernel" / f"vm-test-{secrets.token_hex(4)}"
+    yield state
+    shutil.rmtree(state, ignore_errors=True)
+
+
+class Cell:
+    """One run of the generated cell on the VM, with its status file and log at hand."""
+
+    def __init__(self, vm: CellTopology, arguments: dict, *, user: str, state_dir: Path, log: Path) -> None:
+        self.state_dir = state_dir
+        self.log = log
+        self.source = cell_source(**arguments, state_dir=str(state_dir))
+        self.marker = secrets.token_hex(8)
+        env = {MARKER: self.marker, "LD_LIBRARY_PATH": "/usr/lib64-nvidia"}
+        self.process = vm.run_cell(self.source, user=user, log=log, env=env)
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.state_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def tunnel(self) -> str:
+        return self.status().get("tunnel", {}).get("status", "")
+
+    def wait_for_tunnel(self, wanted: str, timeout: float = UP_SECONDS) -> bool:
+        return bool(wait_until(lambda: self.tunnel() == wanted or self.process.poll() is not None, timeout)) and \
+            self.tunnel() == wanted
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def interrupt(self) -> int:
+        os.killpg(self.process.pid, signal.SIGINT)
+        return self.process.wait(15)
+
+
+def start_cell(vm: CellTopology, tmp_path: Path, storage: Path, state_dir: Path, user: str = "root",
+               **overrides: object) -> Cell:
+    log = tmp_path / f"cell-{secrets.token_hex(3)}.log"
+    return Cell(vm, vm.cell_arguments(storage, **overrides), user=user, state_dir=state_dir, log=log)
+
+
+def vm_host_key_line(vm: CellTopology, storage: Path) -> str:
+    public = (storage / "host_keys" / "ssh_host_ed25519_key.pub").read_text().split()
+    return known_hosts_line(vm.forward_port, f"{public[0]} {public[1]}")
+
+
+def relay_kernel(vm: CellTopology, tmp_path: Path, *, vm_user: str, known: list[str]):
+    config = {
+        "host": VM_ALIAS, "ssh_config_file": vm.laptop_ssh_config(vm_user, known), "remote_python": "/usr/bin/python3",
+        "remote_workdir": f"~/rk-cell-{secrets.token_hex(4)}", "connect_timeout_seconds": 5.0,
+        "command_timeout_seconds": 5.0, "liveness_interval_seconds": 0.5, "reconnect_max_backoff_seconds": 1.0,
+    }
+    km = kernel_manager(tmp_path, config, name=f"cell{secrets.token_hex(3)}")
+    km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    client.wait_for_ready(timeout=30)
+    return km, client
+
+
+def stop_kernel(km, client) -> None:
+    client.stop_channels()
+    if km.has_kernel:
+        km.shutdown_kernel()
+
+
+def tunnel_ssh_pids(vm: CellTopology) -> list[int]:
+    pids = []
+    for pid in vm.netns_pids():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if command[0].endswith(b"ssh") and b"-R" in command:
+            pids.append(pid)
+    return pids
+
+
+def test_root_cell_first_run_tunnel_kernel_env_and_recovery(vm, tmp_path, root_state):
+    storage = tmp_path / "drive"
+    cell = start_cell(vm, tmp_path, storage, root_state)
+    assert cell.wait_for_tunnel("refused") or cell.wait_for_tunnel("down"), cell.output()
+    output = cell.output()
+    assert "relaykernel trust cellvm --fingerprint SHA256:" in output
+    assert 'permitlisten="127.0.0.1:' in output, "the cell must print the relay's authorized_keys line"
+    tunnel_key = (storage / "tunnel_ed25519_key.pub").read_text().strip()
+    assert tunnel_key in output
+    vm.authorize_tunnel_key(tunnel_key)
+    assert cell.wait_for_tunnel("up", 40), cell.output()
+
+    km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[vm_host_key_line(vm, storage)])
+    try:
+        out, _ = execute(client, f"import os, getpass; print(getpass.getuser(), os.environ['{MARKER}'], "
+                                 "os.environ['LD_LIBRARY_PATH']); x = 41")
+        assert out.split() == ["root", cell.marker, "/usr/lib64-nvidia"]
+        assert wait_until(lambda: len(cell.status().get("kernels", [])) == 1, 5), cell.status()
+
+        for pid in tunnel_ssh_pids(vm):
+            os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: cell.tunnel() != "up", 5)
+        assert cell.wait_for_tunnel("up", 10), f"the tunnel was not back within 10 s: {cell.status()}"
+        client.wait_for_ready(timeout=30)
+        out, _ = execute(client, "x += 1; print(x)", timeout_seconds=30)
+        assert out.strip() == "42", "the kernel started before the cut must keep its state"
+    finally:
+        stop_kernel(km, client)
+    assert cell.interrupt() == 0
+    assert not tunnel_ssh_pids(vm), "interrupting the cell must take the tunnel down"
+    assert cell.status()["tunnel"]["status"] == "stopped"
+
+
+def test_a_recycled_vm_with_the_same_storage_keeps_its_host_key(vm, tmp_path, root_state):
+    storage = tmp_path / "drive"
+    first = start_cell(vm, tmp_path, storage, root_state)
+    assert wait_until(lambda: (storage / "tunnel_ed25519_key.pub").exists(), UP_SECONDS), first.output()
+    vm.authorize_tunnel_key((storage / "tunnel_ed25519_key.pub").read_text().strip())
+    assert first.wait_for_tunnel("up", 40), first.output()
+    known = [vm_host_key_line(vm, storage)]
+    km, client = relay_kernel(vm, tmp_path, vm_user="root", known=known)
+    stop_kernel(km, client)
+
+    vm.kill_vm()
+    shutil.rmtree(root_state)  # a new VM: nothing local survives, only the storage
+    second = start_cell(vm, tmp_path, storage, root_state)
+    assert second.wait_for_tunnel("up", 40), second.output()
+    km, client = relay_kernel(vm, tmp_path, vm_user="root", known=known)  # the same known_hosts, unedited
+    try:
+        out, _ = execute(client, "print('again')")
+        assert out.strip() == "again"
+    finally:
+        stop_kernel(km, client)
+
+
+def test_a_relay_that_refuses_the_forward_is_reported(vm, tmp_path, root_state):
+    storage = tmp_path / "drive"
+    cell = start_cell(vm, tmp_path, storage, root_state, remote_port=vm.spare_port)
+    assert wait_until(lambda: (storage / "tunnel_ed25519_key.pub").exists(), UP_SECONDS)
+    vm.authorize_tunnel_key((storage / "tunnel_ed25519_key.pub").read_text().strip())  # for forward_port only
+    assert wait_until(lambda: "refused to listen" in cell.status().get("tunnel", {}).get("detail", ""), 40), \
+        cell.status()
+    assert cell.tunnel() == "refused"
+
+
+def test_non_root_cell_reuses_the_platform_sshd(vm, tmp_path):
+    vm.platform_sshd()
+    home = Path(f"~{VM_USER}").expanduser()
+    storage, state = home / f"rk-storage-{secrets.token_hex(3)}", home / f".relaykernel/vm-{secrets.token_hex(3)}"
+    keys_file = home / ".ssh/authorized_keys"
+    saved = keys_file.read_bytes() if keys_file.exists() else None
+    try:
+        subprocess.run(["runuser", "-u", VM_USER, "--", "mkdir", "-p", str(storage)], check=True)
+        cell = start_cell(vm, tmp_path, storage, state, user=VM_USER)
+        assert wait_until(lambda: (storage / "tunnel_ed25519_key.pub").exists(), UP_SECONDS), cell.output()
+        vm.authorize_tunnel_key((storage / "tunnel_ed25519_key.pub").read_text().strip())
+        assert cell.wait_for_tunnel("up", 40), cell.output()
+        assert not (storage / "host_keys").exists(), "only root runs its own sshd with a kept host key"
+        scanned = subprocess.run(["ip", "netns", "exec", vm.netns, "ssh-keyscan", "-t", "ed25519", "127.0.0.1"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        km, client = relay_kernel(vm, tmp_path, vm_user=VM_USER,
+                                  known=[known_hosts_line(vm.forward_port, f"{scanned[1]} {scanned[2]}")])
+        try:
+            out, _ = execute(client, f"import getpass, os; print(getpass.getuser(), os.environ['{MARKER}'])")
+            assert out.split() == [VM_USER, cell.marker]
+        finally:
+            stop_kernel(km, client)
+        assert cell.interrupt() == 0
+    finally:
+        if saved is None:
+            keys_file.unlink(missing_ok=True)
+        else:
+            keys_file.write_bytes(saved)
+        shutil.rmtree(storage, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(home / ".relaykernel/notebook-env.json", ignore_errors=True)
+
+
+def test_the_printed_cell_is_what_runs(tmp_path):
+    """`relaykernel cell` prints cell_source's text: the tests run the very cell users paste."""
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA me@laptop\n")
+    printed = subprocess.run(
+        [sys.executable, "-m", "relaykernel", "cell", "--platform", "kaggle", "--relay", "me@relay.example.org",
+         "--authorize", str(key)], capture_output=True, text=True, check=True,
+    ).stdout
+    expected = cell_source(platform="kaggle", relay="me@relay.example.org", remote_port=7423,
+                           authorized_keys=[key.read_text().strip()])
+    assert printed == expected + "\n"
+    compile(printed, "cell", "exec")
