@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -88,9 +89,10 @@ def vm_host_key_line(vm: CellTopology, storage: Path) -> str:
     return known_hosts_line(vm.forward_port, f"{public[0]} {public[1]}")
 
 
-def relay_kernel(vm: CellTopology, tmp_path: Path, *, vm_user: str, known: list[str]):
+def relay_kernel(vm: CellTopology, tmp_path: Path, *, vm_user: str, known: list[str], ssh_config: str = ""):
     config = {
-        "host": VM_ALIAS, "ssh_config_file": vm.laptop_ssh_config(vm_user, known), "remote_python": "/usr/bin/python3",
+        "host": VM_ALIAS, "ssh_config_file": ssh_config or vm.laptop_ssh_config(vm_user, known),
+        "remote_python": "/usr/bin/python3",
         "remote_workdir": f"~/rk-cell-{secrets.token_hex(4)}", "connect_timeout_seconds": 5.0,
         "command_timeout_seconds": 5.0, "liveness_interval_seconds": 0.5, "reconnect_max_backoff_seconds": 1.0,
     }
@@ -106,6 +108,14 @@ def stop_kernel(km, client) -> None:
     client.stop_channels()
     if km.has_kernel:
         km.shutdown_kernel()
+
+
+def trust(ssh_config: str, fingerprint: str) -> subprocess.CompletedProcess[str]:
+    """`relaykernel trust` as the cell tells the user to run it, on the laptop."""
+    return subprocess.run(
+        [sys.executable, "-m", "relaykernel", "trust", VM_ALIAS, "--ssh-config", ssh_config, "--fingerprint",
+         fingerprint], capture_output=True, text=True, timeout=60, check=False,
+    )
 
 
 def tunnel_ssh_pids(vm: CellTopology) -> list[int]:
@@ -132,7 +142,15 @@ def test_root_cell_first_run_tunnel_kernel_env_and_recovery(vm, tmp_path, root_s
     vm.authorize_tunnel_key(tunnel_key)
     assert cell.wait_for_tunnel("up", 40), cell.output()
 
-    km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[vm_host_key_line(vm, storage)])
+    ssh_config = vm.laptop_ssh_config("root", [])
+    printed = re.search(r"relaykernel trust cellvm --fingerprint (SHA256:\S+)", output).group(1)
+    refused = trust(ssh_config, "SHA256:" + "A" * 43)
+    assert refused.returncode == 1 and "do not trust it" in refused.stderr
+    trusted = trust(ssh_config, printed)
+    assert trusted.returncode == 0 and "trusted" in trusted.stdout, trusted.stderr
+    assert "already trusted" in trust(ssh_config, printed).stdout
+
+    km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[], ssh_config=ssh_config)
     try:
         out, _ = execute(client, f"import os, getpass; print(getpass.getuser(), os.environ['{MARKER}'], "
                                  "os.environ['LD_LIBRARY_PATH']); x = 41")

@@ -201,3 +201,18 @@ def _run_fix(fix: str) -> None:
     """Run the one command a fix message offers (everything after its last ': ')."""
     command = fix.rsplit(": ", 1)[1]
     subprocess.run(["sh", "-c", command], check=True, capture_output=True)
+
+
+def test_remove_drops_plain_and_hashed_lines_for_the_name_only(keys: Keys, tmp_path: Path) -> None:
+    hashed = _write(tmp_path / "hashed", known_hosts_line("[127.0.0.1]:7423", keys["rsa"]))
+    subprocess.run(["ssh-keygen", "-H", "-f", hashed], capture_output=True, check=True)
+    lines = [Path(hashed).read_text().strip(), known_hosts_line("[127.0.0.1]:7423", keys["ed25519"]),
+             known_hosts_line("relay.example.org", keys["ecdsa"]),
+             f"@revoked [127.0.0.1]:7423 {_key_fields(keys['other_ed25519'])}"]
+    path = _write(tmp_path / "kh", *lines)
+    known = KnownHosts([path])
+    assert known.remove("[127.0.0.1]:7423", path) == 2
+    assert Path(path).read_text().splitlines() == lines[2:], "other hosts and @revoked lines stay"
+    assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+    with pytest.raises(UnknownHostKey):
+        _verify(known, "[127.0.0.1]:7423", keys["ed25519"])

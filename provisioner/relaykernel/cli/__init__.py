@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from ..errors import RelayKernelError
 from ..ssh.chain import TRANSPORT_LOGGER
-from . import cell, demo, doctor, install, launch
+from . import cell, demo, doctor, install, launch, trust
 
-SUBCOMMANDS = (install, launch, doctor, demo, cell)
+SUBCOMMANDS = (install, launch, doctor, trust, demo, cell)
 
 
 def build_parser() -> argparse.ArgumentParser:

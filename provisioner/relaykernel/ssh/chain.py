@@ -124,6 +124,22 @@ class SSHChain:
         except (paramiko.SSHException, OSError, EOFError) as error:
             raise LinkDown(VM, self.vm_label, f"could not open a session: {error}", "") from None
 
+    def fetch_vm_host_key(self) -> paramiko.PKey:
+        """The VM's host key, seen through the (verified) relays, without trusting or logging in (for trust)."""
+        self.connect(len(self.hops) - 1)
+        index = len(self.hops) - 1
+        sock = self._first_socket(self.hops[index]) if index == 0 else self._open_jump(index)
+        transport = paramiko.Transport(sock)
+        transport.set_log_channel(TRANSPORT_LOGGER)
+        try:
+            transport.start_client(timeout=self.policy.connect_timeout_seconds)
+            return transport.get_remote_server_key()
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise ConnectError(VM, self.vm_label, f"SSH handshake failed: {error}",
+                               "is the VM's tunnel up? Check its heartbeat cell") from None
+        finally:
+            transport.close()
+
     def drop(self, *, keep_relays: bool) -> None:
         """Close the VM hop, and the relay hops too unless keep_relays, so connect() rebuilds them."""
         with self._lock:

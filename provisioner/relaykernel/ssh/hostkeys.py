@@ -94,9 +94,31 @@ class KnownHosts:
             stream.write(f"{separator}{known_hosts_line(name, key)}\n")
         self._entries.append(_Entry(None, name, key.get_name(), key.asbytes(), f"{trust_file} (just added)"))
 
+    def remove(self, name: str, trust_file: str) -> int:
+        """Drop the (unmarked) lines of ``trust_file`` that name ``name``, as ``ssh-keygen -R`` does; how many."""
+        trust_file, lowered = os.path.expanduser(trust_file), name.lower()
+        try:
+            with open(trust_file, encoding="utf-8", errors="replace") as stream:
+                lines = stream.read().splitlines()
+        except FileNotFoundError:
+            return 0
+        kept = [text for text in lines if not _names_unmarked(text, lowered)]
+        staging = f"{trust_file}.{os.getpid()}.tmp"
+        descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write("".join(f"{text}\n" for text in kept))
+        os.replace(staging, trust_file)
+        self._entries = [entry for path in self.files for entry in _read_entries(path)]
+        return len(lines) - len(kept)
+
     def _listing(self, name: str, marker: str | None) -> list[_Entry]:
         lowered = name.lower()
         return [entry for entry in self._entries if entry.marker == marker and entry.lists(lowered)]
+
+
+def _names_unmarked(text: str, lowered_name: str) -> bool:
+    entry = _parse_line(text, "")
+    return entry is not None and entry.marker is None and entry.lists(lowered_name)
 
 
 def _lacks_final_newline(path: str) -> bool:
