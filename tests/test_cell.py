@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from cell_topology import VM_ALIAS, CellTopology
@@ -248,3 +249,27 @@ def test_the_printed_cell_is_what_runs(tmp_path):
                            authorized_keys=[key.read_text().strip()])
     assert printed == expected + "\n"
     compile(printed, "cell", "exec")
+
+
+def test_out_writes_a_bootstrap_notebook_holding_the_same_cell(tmp_path):
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA me@laptop\n")
+    out = tmp_path / "bootstrap.ipynb"
+    subprocess.run([sys.executable, "-m", "relaykernel", "cell", "--platform", "colab", "--relay", "me@relay:2222",
+                    "--authorize", str(key), "--out", str(out)], capture_output=True, check=True)
+    notebook = nbformat.read(str(out), as_version=4)
+    nbformat.validate(notebook)
+    (cell,) = notebook.cells
+    assert cell.source == cell_source(platform="colab", relay="me@relay:2222", remote_port=7423,
+                                      authorized_keys=[key.read_text().strip()])
+    assert 'drive.mount("/content/drive")' in cell.source
+
+
+def test_the_cell_refuses_bad_arguments_before_it_reaches_the_vm(tmp_path):
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA me@laptop\n")
+    for bad, says in ((["--remote-port", "0"], "not a TCP port"), (["--relay", "bad host"], "bad SSH destination"),
+                      (["--authorize", str(tmp_path / "none.pub")], "cannot read public key")):
+        argv = ["--relay", "me@relay", "--authorize", str(key), *bad]
+        result = subprocess.run([sys.executable, "-m", "relaykernel", "cell", *argv], capture_output=True, text=True)
+        assert result.returncode == 1 and says in result.stderr, (bad, result.stderr)

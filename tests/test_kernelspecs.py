@@ -154,3 +154,10 @@ def test_install_never_shadows_another_kernel(tmp_path):
 def test_install_needs_a_host(tmp_path, capsys):
     assert main(["install", "--name", "x", "--prefix", str(tmp_path)]) == 1
     assert "--host" in capsys.readouterr().err
+
+
+def test_the_launcher_does_not_import_what_only_other_commands_need():
+    """`relaykernel launch` is a kernel's cold start: nbformat alone costs ~2 s to import (its schema checks)."""
+    code = "import sys, relaykernel.cli; print(sorted({'nbformat', 'nbclient'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import nbformat
-
 from .. import __version__
 from ..errors import ConfigError
 from ..vm.cell import settings_for
@@ -46,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
                          sshd_port=args.sshd_port, ssh_options=args.ssh_option, laptop_alias=args.laptop_alias,
                          state_dir=args.state_dir)
     if args.out:
+        import nbformat  # ~2 s to import (its schema checker): only when a notebook is written
+
         notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
         nbformat.write(notebook, str(args.out))
         print(f"wrote {args.out}: upload it to the VM's notebook platform and run its one cell")

@@ -10,9 +10,6 @@ import tempfile
 import time
 from typing import Any
 
-import nbformat
-from nbclient import NotebookClient
-
 from ..kernelspec import build_kernel_json, install_kernelspec
 from ..sandbox.topology import LoopbackSandbox, SandboxInfo
 
@@ -56,6 +53,9 @@ def _relay_config(info: SandboxInfo) -> dict[str, Any]:
 
 
 def _run_notebook(config: dict[str, Any]) -> int:
+    import nbformat  # nbformat's schema check costs ~2 s to import: only the demo pays it, never launch
+    from nbclient import NotebookClient
+
     with tempfile.TemporaryDirectory(prefix="relaykernel-demo-") as jupyter_dir:
         spec_dir = os.path.join(jupyter_dir, "kernels", SPEC_NAME)
         os.makedirs(spec_dir)
