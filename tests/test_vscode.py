@@ -72,7 +72,8 @@ def kernel_pid(client) -> int:
 def interrupt_a_sleep(kernel: VSCodeKernel) -> float:
     """Start time.sleep(60), interrupt it as the extension does; seconds until the KeyboardInterrupt reply."""
     client = kernel.client
-    msg_id = client.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+    # stop_on_error=False: else ipykernel aborts the next request if it arrives right after the interrupted one
+    msg_id = client.execute("import time; print('sleeping', flush=True); time.sleep(60)", stop_on_error=False)
     wait_until(lambda: client.get_iopub_msg(timeout=5)["msg_type"] == "stream", 10)
     started = time.monotonic()
     kernel.interrupt()

@@ -75,7 +75,14 @@ class VSCodeKernel:
         self.client = BlockingKernelClient()
         self.client.load_connection_info(info)
         self.client.start_channels()
-        wait_like_vscode(self.client, timeout_seconds, alive=lambda: not self._exited())
+        try:
+            wait_like_vscode(self.client, timeout_seconds, alive=lambda: not self._exited())
+        except (RuntimeError, TimeoutError):
+            self.client.stop_channels()
+            self.client = None
+            if self._exited():  # what the extension shows as "The kernel died", with the process's stderr
+                raise RuntimeError(f"the kernel died: {self.stderr_text()}") from None
+            raise
 
     def argv(self) -> list[str]:
         """The spec's argv with the two placeholders the extension substitutes."""
