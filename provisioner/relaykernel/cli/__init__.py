@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_arguments = extra
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="relaykernel %(levelname)s %(name)s: %(message)s",

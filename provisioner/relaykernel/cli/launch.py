@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from ..relayed import RelayedKernel
 from .options_args import add_connection_flags, given_options
 
 _WATCH_SECONDS = 0.5
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,10 +29,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--spec", help="kernelspec directory whose provisioner config to use")
     parser.add_argument("--host", help=RelayOptions.class_traits()["host"].help)
     add_connection_flags(parser)
-    parser.set_defaults(run=run)
+    # Clients append their own arguments to a kernel's argv (`jupyter run` adds its file names); they are meant
+    # for a local ipykernel and mean nothing here, so the launcher takes and ignores them.
+    parser.set_defaults(run=run, accepts_extra_arguments=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.extra_arguments:
+        log.debug("ignoring arguments meant for a local kernel: %s", args.extra_arguments)
     options = RelayOptions(**_config(args))
     info = read_connection_file(args.connection_file)
     relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex)
