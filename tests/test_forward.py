@@ -363,6 +363,43 @@ def test_close_connections_while_clients_keep_connecting(start_server, start_for
     assert wait_until(lambda: not forward_threads()), "connections whose clients left must end"
 
 
+def test_a_paused_forwarder_holds_connections_until_retarget(start_server) -> None:
+    """A client that connects before the kernel exists keeps its connection and the bytes it already sent."""
+    server = start_server(banner_then_echo(b"K"))
+    opener = SocketOpener()
+    forwarder = LocalForwarder(name="test", local_port=0, remote_port=1, open_channel=opener, start_paused=True)
+    forwarder.start()
+    try:
+        with connect(forwarder.local_port) as early:
+            early.sendall(b"sent-before-the-kernel")
+            time.sleep(0.3)
+            assert opener.opened == 0, "nothing may be opened while paused"
+            forwarder.remote_port = server.port
+            assert receive_exactly(early, 1 + 22) == b"K" + b"sent-before-the-kernel"
+        forwarder.pause()
+        held = connect(forwarder.local_port)
+        time.sleep(0.2)
+        assert opener.opened == 1
+        stopped = time.monotonic()
+    finally:
+        forwarder.stop()
+    assert time.monotonic() - stopped < 2.0, "stop() must not wait for held connections' patience"
+    assert is_closed_by_peer(held)
+    held.close()
+    assert not forward_threads()
+
+
+def test_a_held_connection_gives_up_after_hold_seconds(start_server) -> None:
+    forwarder = LocalForwarder(name="test", local_port=0, remote_port=1, open_channel=SocketOpener(),
+                               start_paused=True, hold_seconds=0.3)
+    forwarder.start()
+    try:
+        with connect(forwarder.local_port) as held:
+            assert is_closed_by_peer(held), "a held connection is closed after hold_seconds, so the client retries"
+    finally:
+        forwarder.stop()
+
+
 def test_stop_with_idle_connections_is_prompt_and_clean(start_server) -> None:
     server = start_server(banner_then_echo(b"A"))
     before = set(threading.enumerate())

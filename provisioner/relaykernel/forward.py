@@ -6,6 +6,7 @@ import itertools
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from types import TracebackType
@@ -19,6 +20,7 @@ LOOPBACK = "127.0.0.1"
 KERNEL_PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 _LISTEN_BACKLOG = 128
 _ACCEPT_RETRY_SECONDS = 0.1
+_GATE_POLL_SECONDS = 0.1
 
 
 class ChannelLike(Protocol):
@@ -83,7 +85,7 @@ class _OutageLog:
 class _Connection:
     """One accepted socket and its channel, relayed by two threads; the 'up' thread owns the pair."""
 
-    def __init__(self, client: socket.socket, label: str, *, connect: Callable[[], ChannelLike | None],
+    def __init__(self, client: socket.socket, label: str, *, connect: Callable[[_Connection], ChannelLike | None],
                  read_size_bytes: int, on_finished: Callable[[_Connection], None]) -> None:
         self._client = client
         self._label = label
@@ -93,7 +95,12 @@ class _Connection:
         self._lock = threading.Lock()
         self._channel: ChannelLike | None = None
         self._aborted = False
+        self.past_gate = False  # set once it stopped waiting for a kernel and picked the remote port to open
         self.owner = threading.Thread(target=self._run, name=f"{label}-up", daemon=True)
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
 
     def abort(self) -> None:
         """Wake both threads: they see EOF or an error and the owner closes everything."""
@@ -107,7 +114,7 @@ class _Connection:
     def _run(self) -> None:
         channel = None
         try:
-            channel = self._claim(self._connect())
+            channel = self._claim(self._connect(self))
             if channel is not None:
                 self._relay(channel)
         finally:
@@ -152,7 +159,7 @@ class LocalForwarder:
     """One listening port on 127.0.0.1 relayed to one remote port."""
 
     def __init__(self, *, name: str, local_port: int, remote_port: int, open_channel: OpenChannel,
-                 read_size_bytes: int = 65536) -> None:
+                 read_size_bytes: int = 65536, start_paused: bool = False, hold_seconds: float = 60.0) -> None:
         if not name:
             raise ConfigError("a forwarder needs a name (e.g. 'shell_port') for its threads and messages")
         if read_size_bytes < 1:
@@ -171,6 +178,10 @@ class LocalForwarder:
         self._listener: socket.socket | None = None
         self._bound_port = 0
         self._acceptor: threading.Thread | None = None
+        self._hold_seconds = hold_seconds
+        self._gate = threading.Event()  # open: connect at once; closed: hold new connections until retarget
+        if not start_paused:
+            self._gate.set()
 
     @property
     def local_port(self) -> int:
@@ -183,10 +194,22 @@ class LocalForwarder:
 
     @remote_port.setter
     def remote_port(self, port: int) -> None:
-        """Point new connections at another remote port and close the current ones so clients reconnect."""
+        """Point connections at another remote port: those held by pause() go there, the old kernel's are closed."""
+        self._gate.clear()
         self._remote_port = _check_port(f"{self.name} remote port", port, 1)
         self._outage.reset()
-        self.close_connections()
+        self.close_connections(past_gate_only=True)
+        self._gate.set()
+
+    def pause(self) -> None:
+        """Hold new connections (up to hold_seconds) instead of opening channels, until the next retarget.
+
+        A client that connects while no kernel is there (before it starts, during a restart) then keeps its
+        connection, and the bytes it already sent, instead of being closed and reconnecting: a ZMQ SUB socket
+        re-sends its subscription after a reconnect only when its application next touches it, so iopub
+        messages published meanwhile would be lost.
+        """
+        self._gate.clear()
 
     def start(self) -> None:
         """Bind 127.0.0.1:local_port (0 picks a free port) and accept in a background thread."""
@@ -198,13 +221,13 @@ class LocalForwarder:
                                           name=f"relaykernel-forward-{self.name}-accept")
         self._acceptor.start()
 
-    def close_connections(self) -> None:
-        """Drop every current connection and keep listening (after a link cut or a retarget).
+    def close_connections(self, *, past_gate_only: bool = False) -> None:
+        """Drop current connections (all, or those not held at the gate) and keep listening.
 
         A channel still opening is waited for (open_channel has its own timeout), then closed.
         """
         with self._lock:
-            connections = list(self._active)
+            connections = [c for c in self._active if c.past_gate or not past_gate_only]
         for connection in connections:
             connection.abort()
         self._join(connections)
@@ -269,8 +292,11 @@ class LocalForwarder:
             self._active.add(connection)
             connection.owner.start()
 
-    def _connect(self) -> ChannelLike | None:
+    def _connect(self, connection: _Connection) -> ChannelLike | None:
         """A channel to the remote port, or None (logged once per outage) so the client retries."""
+        if not self._through_gate(connection):
+            return None
+        connection.past_gate = True
         remote_port = self._remote_port
         try:
             channel = self._open_channel(remote_port)
@@ -279,6 +305,14 @@ class LocalForwarder:
             return None
         self._outage.opened(remote_port)
         return channel
+
+    def _through_gate(self, connection: _Connection) -> bool:
+        """Wait while paused; False if stopped, aborted or held too long (the client then reconnects)."""
+        deadline = time.monotonic() + self._hold_seconds
+        while not self._gate.wait(_GATE_POLL_SECONDS):
+            if self._stopping.is_set() or connection.aborted or time.monotonic() > deadline:
+                return False
+        return not self._stopping.is_set()
 
     def _forget(self, connection: _Connection) -> None:
         """Called by a connection's owner thread as its last step."""
@@ -303,12 +337,12 @@ class PortForwards:
     """The five kernel ports as one unit."""
 
     def __init__(self, *, local_ports: Mapping[str, int], remote_ports: Mapping[str, int],
-                 open_channel: OpenChannel) -> None:
+                 open_channel: OpenChannel, start_paused: bool = False, hold_seconds: float = 60.0) -> None:
         _check_port_names("local_ports", local_ports)
         _check_port_names("remote_ports", remote_ports)
         self._forwarders = [
             LocalForwarder(name=name, local_port=local_ports[name], remote_port=remote_ports[name],
-                           open_channel=open_channel)
+                           open_channel=open_channel, start_paused=start_paused, hold_seconds=hold_seconds)
             for name in KERNEL_PORT_NAMES
         ]
 
@@ -328,6 +362,11 @@ class PortForwards:
                 forwarder.stop()
             raise
         return self.local_ports
+
+    def pause(self) -> None:
+        """Hold new connections on every port until the next retarget (see LocalForwarder.pause)."""
+        for forwarder in self._forwarders:
+            forwarder.pause()
 
     def retarget(self, remote_ports: Mapping[str, int]) -> None:
         """Point every listener at the kernel's new remote ports (restart or re-attach) without rebinding."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from .errors import RelayKernelError
 from .options import RelayOptions
@@ -19,9 +20,12 @@ _INNER_ATTEMPTS_BEFORE_FULL_RECONNECT = 3
 class LinkKeeper:
     """A stoppable thread: renew the lease every interval; on silence, reconnect with capped backoff."""
 
-    def __init__(self, chain: SSHChain, remote: RemoteKernel, options: RelayOptions) -> None:
+    def __init__(self, chain: SSHChain, remote: RemoteKernel, options: RelayOptions, *,
+                 on_down: Callable[[], None] = lambda: None, on_back: Callable[[], None] = lambda: None) -> None:
         self.chain = chain
         self.remote = remote
+        self.on_down = on_down  # the link went silent (called before reconnecting)
+        self.on_back = on_back  # re-attached to the same, still running kernel
         self.interval_seconds = options.liveness_interval_seconds
         self.max_backoff_seconds = options.reconnect_max_backoff_seconds
         self.link_up = threading.Event()
@@ -52,6 +56,7 @@ class LinkKeeper:
             if self._link_answers():
                 continue
             self.link_up.clear()
+            self.on_down()
             self._reconnect()
 
     def _link_answers(self) -> bool:
@@ -78,6 +83,7 @@ class LinkKeeper:
             return False
         if event.get("event") == "status":
             log.warning("the link to %s is back", self.chain.vm_label)
+            self.on_back()
         else:
             log.warning("the kernel on %s is gone: %s", self.chain.vm_label, event.get("message", event))
         return True

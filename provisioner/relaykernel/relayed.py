@@ -56,8 +56,8 @@ class RelayedKernel:
     def listen(self, local_ports: Mapping[str, int]) -> dict[str, int]:
         """Bind the five local listeners before the kernel exists; they refuse connections until it is up."""
         if self.forwards is None:
-            # The remote ports are placeholders: _open_channel refuses every connection until start() retargets.
-            self._forward_to(local_ports, local_ports)
+            # Paused, with placeholder remote ports: connections wait for the kernel until start() retargets.
+            self._forward_to(local_ports, local_ports, paused=True)
         assert self.forwards is not None
         return self.forwards.local_ports
 
@@ -79,7 +79,11 @@ class RelayedKernel:
         remote.launch(self._launch_request(key, signature_scheme), self.options.launch_timeout_seconds)
         self.remote, self._exit_expected = remote, False
         bound = self._forward_to(remote.ports, local_ports)
-        self.keeper = LinkKeeper(self.chain, remote, self.options)
+        # While the link is down, new connections wait for it instead of being refused (see PortForwards.pause).
+        forwards = self.forwards
+        assert forwards is not None
+        self.keeper = LinkKeeper(self.chain, remote, self.options, on_down=forwards.pause,
+                                 on_back=lambda: forwards.retarget(remote.ports))
         self.keeper.start()
         return bound
 
@@ -93,8 +97,10 @@ class RelayedKernel:
             self.remote.signal(signum)
 
     def expect_exit(self) -> None:
-        """A shutdown was requested: the kernel's ports closing from now on is no outage worth a warning."""
+        """A shutdown was requested: new connections wait for the next kernel; closing ports are no outage."""
         self._exit_expected = True
+        if self.forwards is not None:
+            self.forwards.pause()
 
     def stop_kernel(self) -> int | None:
         """Stop the remote kernel and its supervisor; keep the link and the listeners (for a restart)."""
@@ -139,11 +145,13 @@ class RelayedKernel:
             "ports_timeout_seconds": self.options.launch_timeout_seconds,
         }
 
-    def _forward_to(self, remote_ports: Mapping[str, int], local_ports: Mapping[str, int]) -> dict[str, int]:
+    def _forward_to(self, remote_ports: Mapping[str, int], local_ports: Mapping[str, int], *,
+                    paused: bool = False) -> dict[str, int]:
         if self.forwards is not None:
             self.forwards.retarget(remote_ports)
             return self.forwards.local_ports
-        forwards = PortForwards(local_ports=local_ports, remote_ports=remote_ports, open_channel=self._open_channel)
+        forwards = PortForwards(local_ports=local_ports, remote_ports=remote_ports, open_channel=self._open_channel,
+                                start_paused=paused, hold_seconds=self.options.launch_timeout_seconds)
         bound = forwards.start()
         self.forwards = forwards
         return bound
