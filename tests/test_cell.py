@@ -273,3 +273,36 @@ def test_the_cell_refuses_bad_arguments_before_it_reaches_the_vm(tmp_path):
         argv = ["--relay", "me@relay", "--authorize", str(key), *bad]
         result = subprocess.run([sys.executable, "-m", "relaykernel", "cell", *argv], capture_output=True, text=True)
         assert result.returncode == 1 and says in result.stderr, (bad, result.stderr)
+
+
+def test_in_a_notebook_the_status_is_one_display_updated_in_place(tmp_path):
+    """In IPython the heartbeat cell shows one display and updates it, instead of scrolling a line per beat."""
+    from jupyter_client.manager import start_new_kernel
+
+    code = f"""
+import time
+from relaykernel.vm.cell import HeartbeatCell, settings_for
+from relaykernel.vm.status import VMStatus
+from relaykernel.vm.tunnel import TunnelState
+settings = settings_for(platform="colab", relay="me@relay", remote_port=7423, authorized_keys=[], storage_dir="",
+                        state_dir={str(tmp_path)!r}, heartbeat_seconds=1, sshd_port=22, ssh_options=[],
+                        laptop_alias="")
+cell = HeartbeatCell(settings)
+for status in ("starting", "up"):
+    cell.show(VMStatus(at=time.time(), platform="colab", relay="me@relay", remote_port=7423,
+                       tunnel=TunnelState(status, time.time())))
+"""
+    km, client = start_new_kernel(kernel_name="python3")  # this environment's ipykernel, relaykernel installed
+    try:
+        messages: list[dict] = []
+        reply = client.execute_interactive(code, output_hook=messages.append, timeout=60)
+        assert reply["content"]["status"] == "ok", reply["content"]
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
+    shown = [m for m in messages if m["msg_type"] in ("display_data", "update_display_data", "stream")]
+    assert [m["msg_type"] for m in shown] == ["display_data", "update_display_data"], shown
+    first, update = (m["content"] for m in shown)
+    assert first["transient"]["display_id"] == update["transient"]["display_id"]
+    assert "tunnel   starting" in first["data"]["text/plain"] and "tunnel   up" in update["data"]["text/plain"]
+    assert json.loads((tmp_path / "status.json").read_text())["tunnel"]["status"] == "up"
