@@ -1,0 +1,113 @@
+"""The remote work dir as the sync sees it: list it, or apply a batch as one tar stream over one exec channel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import tarfile
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, cast
+
+from ..errors import VM, LinkDown
+from ..ssh.chain import SSHChain
+from ..vm.supervisor import BOOTSTRAP
+from ..vm.sync_receiver import MTIME_NS_HEADER
+from .ignore import LocalFile
+
+_READ_BYTES = 1 << 20
+
+
+def receiver_script() -> bytes:
+    return resources.files("relaykernel.vm").joinpath("sync_receiver.py").read_bytes()
+
+
+class _ChannelWriter:
+    """The write side tarfile needs, on a paramiko channel."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def write(self, data: bytes) -> int:
+        self._channel.sendall(data)
+        return len(data)
+
+
+class RemoteTree:
+    """One remote work dir, reached through the chain's VM connection (no new SSH connection per batch)."""
+
+    def __init__(self, chain: SSHChain, *, python_argv: Sequence[str], root: str, timeout_seconds: float) -> None:
+        self.chain = chain
+        self.python_argv = list(python_argv)
+        self.root = root
+        self.timeout_seconds = timeout_seconds
+
+    def listing(self) -> dict[str, tuple[int, int]]:
+        """path -> (size, mtime_ns) of every file in the remote work dir."""
+        event = self._exchange({"op": "list", "root": self.root}, payload=None)
+        return {path: (int(size), int(mtime)) for path, (size, mtime) in event["files"].items()}
+
+    def apply(self, local_root: Path, files: Sequence[LocalFile], deletes: Sequence[str]) -> dict[str, Any]:
+        """Write ``files`` (atomically, with their mtimes) and delete ``deletes``; the receiver's report."""
+        return self._exchange({"op": "apply", "root": self.root, "delete": list(deletes)},
+                              payload=(local_root, files))
+
+    def _exchange(self, request: dict[str, Any], payload: tuple[Path, Sequence[LocalFile]] | None) -> dict[str, Any]:
+        if not self.chain.is_active():
+            self.chain.connect()  # rebuilds only what a cut broke; raises a HopError while the VM stays away
+        channel = self.chain.open_session()
+        try:
+            channel.settimeout(self.timeout_seconds)
+            channel.exec_command(shlex.join([*self.python_argv, "-c", BOOTSTRAP]))
+            script = receiver_script()
+            channel.sendall(b"%d\n" % len(script) + script + json.dumps(request).encode() + b"\n")
+            if payload is not None:
+                _send_tar(channel, *payload)
+            channel.shutdown_write()
+            output = channel.makefile("rb").read()
+            status = channel.recv_exit_status()
+        except (OSError, EOFError) as error:
+            raise LinkDown(VM, self.chain.vm_label, f"sync to {self.root} was cut: {error}",
+                           "it resumes once the link is back") from None
+        finally:
+            channel.close()
+        lines = output.decode(errors="replace").strip().splitlines()
+        if status != 0 or not lines:
+            stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()[-500:]
+            raise LinkDown(VM, self.chain.vm_label, f"the VM's sync receiver failed (exit {status}): {stderr}",
+                           "check remote_python and the remote work dir")
+        event: dict[str, Any] = json.loads(lines[-1])
+        return event
+
+
+def _send_tar(channel: Any, local_root: Path, files: Sequence[LocalFile]) -> None:
+    """Stream each file as it is now; one that changed size while being read is skipped (the next batch has it)."""
+    writer = cast(Any, _ChannelWriter(channel))
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for file in files:
+            try:
+                with open(local_root / file.path, "rb") as source:
+                    info = os.fstat(source.fileno())
+                    member = tarfile.TarInfo(file.path)
+                    member.size, member.mode, member.mtime = info.st_size, info.st_mode & 0o777, info.st_mtime
+                    member.pax_headers = {MTIME_NS_HEADER: str(info.st_mtime_ns)}
+                    archive.addfile(member, _Exactly(source, info.st_size))
+            except FileNotFoundError:
+                continue  # deleted since the batch was made: its delete event follows
+
+
+class _Exactly:
+    """Read exactly ``size`` bytes: a file that shrank meanwhile is padded, so the stream stays well-formed."""
+
+    def __init__(self, source: Any, size: int) -> None:
+        self._source = source
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._source.read(n)
+        data += b"\0" * (n - len(data))
+        self._left -= n
+        return data

@@ -1,0 +1,128 @@
+"""VM-side end of the work-directory sync (stdlib, py>=3.8): list the tree, or apply a batch atomically.
+
+Sent as a script like the supervisor (``python3 -c BOOTSTRAP``, ``<length>\\n<script>`` on stdin). Then one JSON
+line, the request:
+  {"op": "list", "root": DIR}
+      -> {"event": "listing", "root": absolute DIR, "files": {path: [size, mtime_ns]}}
+  {"op": "apply", "root": DIR, "delete": [path, ...]}, followed by a tar stream of regular files
+      -> {"event": "applied", "written": n, "deleted": n, "errors": [text, ...]}
+Paths are relative and POSIX; one that is absolute, holds "..", or leads out of DIR through a symlink is refused.
+Each file is written to a temporary name in its directory and renamed over the old one, with the sender's mtime and
+mode, so a reader on the VM sees the old file or the new one, never a part. Deletions run after the writes.
+"""
+
+import json
+import os
+import sys
+import tarfile
+
+TEMP_SUFFIX = ".rk-tmp"
+MTIME_NS_HEADER = "RELAYKERNEL.mtime_ns"  # a PAX header: tar's own mtime cannot carry nanoseconds exactly
+
+
+def reply(event):
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def inside(root, path):
+    """The absolute target of ``path`` under ``root``, or None when it would leave root."""
+    if not path or path.startswith("/") or "\\0" in path or ".." in path.split("/"):
+        return None
+    target = os.path.join(root, path)
+    parent = os.path.realpath(os.path.dirname(target))
+    if parent != root and not parent.startswith(root + os.sep):
+        return None
+    return target
+
+
+def listing(root):
+    files = {}
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not os.path.islink(os.path.join(directory, d))]
+        for name in names:
+            full = os.path.join(directory, name)
+            if name.endswith(TEMP_SUFFIX) or os.path.islink(full):
+                continue
+            try:
+                info = os.stat(full)
+            except OSError:
+                continue
+            files[os.path.relpath(full, root).replace(os.sep, "/")] = [info.st_size, info.st_mtime_ns]
+    return files
+
+
+def write_member(archive, member, target):
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}{TEMP_SUFFIX}")
+    source = archive.extractfile(member)
+    try:
+        with open(temporary, "wb") as out:
+            while True:
+                chunk = source.read(1 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+        os.chmod(temporary, member.mode & 0o777)
+        mtime_ns = int(member.pax_headers.get(MTIME_NS_HEADER, int(member.mtime) * 10**9))
+        os.utime(temporary, ns=(mtime_ns, mtime_ns))
+        os.replace(temporary, target)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def apply(root, request, stream):
+    written, errors = 0, []
+    with tarfile.open(fileobj=stream, mode="r|") as archive:
+        for member in archive:
+            target = inside(root, member.name)
+            if target is None or not member.isfile():
+                errors.append(f"refused {member.name!r}: not a plain file inside the work dir")
+                continue
+            try:
+                write_member(archive, member, target)
+                written += 1
+            except OSError as exc:
+                errors.append(f"{member.name}: {exc.strerror or exc}")
+    deleted = 0
+    for path in request.get("delete", []):
+        target = inside(root, path)
+        if target is None:
+            errors.append(f"refused to delete {path!r}")
+            continue
+        try:
+            os.unlink(target)
+            deleted += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            errors.append(f"{path}: {exc.strerror or exc}")
+        prune_empty_dirs(root, os.path.dirname(target))
+    return {"event": "applied", "written": written, "deleted": deleted, "errors": errors}
+
+
+def prune_empty_dirs(root, directory):
+    while directory != root and directory.startswith(root + os.sep):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+        directory = os.path.dirname(directory)
+
+
+def main():
+    request = json.loads(sys.stdin.buffer.readline())
+    root = os.path.realpath(os.path.expanduser(request["root"]))
+    os.makedirs(root, exist_ok=True)
+    if request["op"] == "list":
+        reply({"event": "listing", "root": root, "files": listing(root)})
+    else:
+        reply(apply(root, request, sys.stdin.buffer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

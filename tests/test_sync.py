@@ -1,0 +1,184 @@
+"""Work-directory sync against the real topology: the VM's copy checked by the VM's own tools."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import pwd
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import relay_config, wait_until
+from relaykernel.options import RelayOptions
+from relaykernel.relayed import build_chain
+from relaykernel.sync.engine import WorkdirSync
+from relaykernel.sync.ignore import IgnoreRules
+from relaykernel.sync.remote import RemoteTree
+
+pytestmark = pytest.mark.usefixtures("no_ssh_agent")
+VISIBLE_SECONDS = 5.0
+
+
+@pytest.fixture
+def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+@pytest.fixture
+def remote(topology, tmp_path) -> Iterator[RemoteTree]:
+    options = RelayOptions(**relay_config(topology, tmp_path))
+    chain = build_chain(options)
+    chain.connect()
+    root = f"rk-sync-{secrets.token_hex(4)}"
+    yield RemoteTree(chain, python_argv=options.python_argv(), root=f"~/{root}", timeout_seconds=30.0)
+    topology.vm_run(["rm", "-rf", root])
+    chain.close()
+
+
+@pytest.fixture
+def local(tmp_path) -> Path:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    return folder
+
+
+def vm_tree(topology, remote: RemoteTree) -> dict[str, str]:
+    """path -> sha256 of every file under the remote root, as the VM's find and sha256sum see them."""
+    root = remote.root.replace("~/", "")
+    listing = topology.vm_run(["sh", "-c", f"cd {root} && find . -type f -exec sha256sum {{}} +"]).stdout
+    return {line.split(None, 1)[1].strip()[2:]: line.split()[0] for line in listing.splitlines()}
+
+
+def local_tree(root: Path, paths: list[str]) -> dict[str, str]:
+    return {path: hashlib.sha256((root / path).read_bytes()).hexdigest() for path in paths}
+
+
+def write(root: Path, path: str, data: bytes | str) -> None:
+    target = root / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def test_initial_sync_mirrors_the_tree_minus_ignored_and_sends_only_differences(topology, remote, local):
+    files = {f"pkg/mod{i}.py": f"X = {i}\n" for i in range(50)}
+    files |= {f"data/d{i}/{j}.csv": os.urandom(2000) for i in range(5) for j in range(20)}
+    files |= {".gitignore": "*.log\nbuild/\n!keep.log\n", "data/.gitignore": "d4/\n", "keep.log": "kept\n"}
+    for path, data in files.items():
+        write(local, path, data)
+    for ignored in ("run.log", "build/out.bin", ".git/HEAD", "__pycache__/m.pyc", ".venv/bin/python",
+                    ".ipynb_checkpoints/nb.ipynb"):
+        write(local, ignored, "ignored")
+    write(local, "huge.bin", os.urandom(3000))
+    rules = IgnoreRules(local, max_file_size_bytes=2500)
+    report = WorkdirSync(local, remote, rules).initial()
+    expected = sorted(path for path in files if not path.startswith("data/d4/"))
+    assert not report.errors and report.written == len(expected)
+    assert vm_tree(topology, remote) == local_tree(local, expected)
+
+    again = WorkdirSync(local, remote, IgnoreRules(local, max_file_size_bytes=2500)).initial()
+    assert (again.written, again.sent_bytes) == (0, 0), "an unchanged tree sends nothing"
+    write(local, "pkg/mod7.py", "X = 'changed'\n")
+    third = WorkdirSync(local, remote, IgnoreRules(local, max_file_size_bytes=2500)).initial()
+    assert third.written == 1
+
+
+@pytest.fixture
+def watching(remote, local) -> Iterator[WorkdirSync]:
+    sync = WorkdirSync(local, remote, IgnoreRules(local), rescan_seconds=3.0)
+    sync.initial()
+    sync.watch()
+    yield sync
+    sync.stop()
+
+
+def visible(topology, remote, expected: dict[str, str | None]) -> bool:
+    """Whether the VM holds exactly these contents (None: absent) for these paths."""
+    tree = vm_tree(topology, remote)
+    for path, content in expected.items():
+        want = None if content is None else hashlib.sha256(content.encode()).hexdigest()
+        if tree.get(path) != want:
+            return False
+    return True
+
+
+def test_saves_deletes_moves_and_safe_writes_reach_the_vm(topology, remote, local, watching):
+    write(local, "notes.txt", "one")
+    assert wait_until(lambda: visible(topology, remote, {"notes.txt": "one"}), VISIBLE_SECONDS)
+    write(local, "notes.txt", "two")
+    assert wait_until(lambda: visible(topology, remote, {"notes.txt": "two"}), VISIBLE_SECONDS)
+
+    write(local, ".notes.txt.swp.tmp", "three")  # an editor's safe write: a temporary, then a rename over
+    os.replace(local / ".notes.txt.swp.tmp", local / "notes.txt")
+    write(local, "pkg/a.py", "A")
+    write(local, "pkg/b.py", "B")
+    assert wait_until(lambda: visible(topology, remote, {"notes.txt": "three", ".notes.txt.swp.tmp": None,
+                                                         "pkg/a.py": "A"}), VISIBLE_SECONDS)
+
+    os.rename(local / "pkg", local / "lib")
+    (local / "notes.txt").unlink()
+    assert wait_until(lambda: visible(topology, remote, {"lib/a.py": "A", "lib/b.py": "B", "pkg/a.py": None,
+                                                         "notes.txt": None}), VISIBLE_SECONDS)
+
+
+def test_a_file_being_written_is_never_seen_half_written_on_the_vm(topology, remote, local, watching):
+    size = 50 << 20
+    root = remote.root.replace("~/", "")
+    account = pwd.getpwnam(topology.vm_user) if topology.vm_user != "root" else None
+    poller = ("import os, time\n"
+              f"path, seen, end = os.path.expanduser('~/{root}/big.bin'), set(), time.time() + 60\n"
+              "while time.time() < end:\n"
+              "    size = os.path.getsize(path) if os.path.exists(path) else -1\n"
+              "    seen.add(size)\n"
+              f"    if size == {size}:\n"
+              "        break\n"
+              "    time.sleep(0.002)\n"
+              "print(sorted(seen))\n")
+    prefix = ["ip", "netns", "exec", topology.netns] if topology.netns else []
+    if account is not None:
+        prefix += ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups", "--"]
+    watcher = subprocess.Popen([*prefix, "/usr/bin/python3", "-c", poller], stdout=subprocess.PIPE, text=True,
+                               cwd=account.pw_dir if account else None,
+                               env={**os.environ, "HOME": account.pw_dir} if account else None)
+    try:
+        with open(local / "big.bin", "wb") as out:
+            for _ in range(size >> 20):
+                out.write(os.urandom(1 << 20))
+                out.flush()
+        seen = watcher.communicate(timeout=60)[0]  # the poller ends once it sees the whole file
+    finally:
+        watcher.kill()
+        watcher.wait()
+    observed = ast.literal_eval(seen)
+    assert size in observed, f"the poller never saw the whole file: {observed}"
+    assert set(observed) <= {-1, size}, f"a reader on the VM saw big.bin at sizes {observed}"
+    print(f"a VM reader polling every 2 ms saw big.bin at sizes {observed}")
+
+
+def test_a_mass_delete_is_refused_and_said(topology, remote, local, caplog):
+    for i in range(30):
+        write(local, f"src/f{i}.py", str(i))
+    sync = WorkdirSync(local, remote, IgnoreRules(local), max_delete_count=20)
+    sync.initial()
+    for i in range(30):
+        (local / f"src/f{i}.py").unlink()
+    report = sync.sync_paths({f"src/f{i}.py" for i in range(30)})
+    assert report.deleted == 0 and len(report.refused_deletes) == 30
+    assert "refusing to delete 30 files" in caplog.text
+    assert len([p for p in vm_tree(topology, remote) if p.startswith("src/")]) == 30, "the VM keeps them"
+    write(local, "src/one.py", "1")
+    sync.initial()
+    (local / "src/one.py").unlink()
+    assert sync.sync_paths({"src/one.py"}).deleted == 1, "a single delete still goes through"
+
+
+def test_a_rescan_catches_what_the_watcher_missed(topology, remote, local):
+    sync = WorkdirSync(local, remote, IgnoreRules(local), settle_seconds=0.0)
+    sync.initial()
+    write(local, "missed.txt", "no event was watched for this")
+    report = sync.rescan()
+    assert report.written == 1 and visible(topology, remote, {"missed.txt": "no event was watched for this"})
