@@ -155,6 +155,7 @@ def install_relay_spec(directory: Path, info: SandboxInfo, remote_root: str) -> 
         "remote_python": info.vm_python,
         "remote_workdir": f"~/{remote_root}/work",
         "lease_seconds": 60.0,  # a crashed benchmark leaves no kernel for long; renewals run at the default pace
+        "sync_local_dir": "none",  # the baseline syncs nothing either
     }
     spec_dir = directory / "kernels" / SPEC_NAME
     spec_dir.mkdir(parents=True)

@@ -68,9 +68,15 @@ def relay_config(topology: Any, directory: Path, **overrides: Any) -> dict[str, 
         "connect_timeout_seconds": 5.0,
         "command_timeout_seconds": 10.0,
         "launch_timeout_seconds": 30.0,
+        "sync_local_dir": str(_empty_folder(directory / "local-work")),  # not the tests' cwd, the repository
     }
     config.update(overrides)
     return config
+
+
+def _empty_folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def install_spec(directory: Path, config: dict[str, Any], name: str = "relaytest") -> KernelSpecManager:

@@ -96,6 +96,7 @@ def relay_kernel(vm: CellTopology, tmp_path: Path, *, vm_user: str, known: list[
         "remote_python": "/usr/bin/python3",
         "remote_workdir": f"~/rk-cell-{secrets.token_hex(4)}", "connect_timeout_seconds": 5.0,
         "command_timeout_seconds": 5.0, "liveness_interval_seconds": 0.5, "reconnect_max_backoff_seconds": 1.0,
+        "sync_local_dir": "none",
     }
     km = kernel_manager(tmp_path, config, name=f"cell{secrets.token_hex(3)}")
     km.start_kernel()

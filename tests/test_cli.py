@@ -73,6 +73,7 @@ def test_demo_prints_the_remote_outputs_and_cleans_up():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "remote user:" in result.stdout and "remote cwd:" in result.stdout
     assert "computed on the VM: 333332833333500000" in result.stdout
+    assert "hello from a module in your local folder, synced to the VM" in result.stdout
     assert "nothing left running" in result.stdout
 
 
@@ -84,7 +85,7 @@ def test_a_stock_kernelspec_works_once_ssh_config_names_its_host(topology, tmp_p
     ssh_config = Path(write_ssh_config(topology, tmp_path))
     ssh_config.write_text(ssh_config.read_text().replace(f"Host {VM_ALIAS}", "Host notebook-vm"))
     ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "share/jupyter/kernels")])
-    config = Config({"RelayOptions": {"ssh_config_file": str(ssh_config)}})
+    config = Config({"RelayOptions": {"ssh_config_file": str(ssh_config), "sync_local_dir": "none"}})
     km = KernelManager(kernel_name="generic", kernel_spec_manager=ksm, config=config)
     km.start_kernel()
     try:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import relay_config, wait_until
+from helpers import environment_without_agent, execute, kernel_manager, relay_config, wait_until
+from relaykernel.kernelspec import build_kernel_json, install_kernelspec
 from relaykernel.options import RelayOptions
 from relaykernel.relayed import build_chain
 from relaykernel.sync.engine import WorkdirSync
 from relaykernel.sync.ignore import IgnoreRules
 from relaykernel.sync.remote import RemoteTree
+from vscode import VSCodeKernel
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 VISIBLE_SECONDS = 5.0
@@ -182,3 +184,75 @@ def test_a_rescan_catches_what_the_watcher_missed(topology, remote, local):
     write(local, "missed.txt", "no event was watched for this")
     report = sync.rescan()
     assert report.written == 1 and visible(topology, remote, {"missed.txt": "no event was watched for this"})
+
+
+def test_a_kernel_runs_in_a_mirror_of_the_folder_it_was_started_from(topology, tmp_path, local):
+    write(local, "mymodule.py", "VALUE = 1\n")
+    write(local, "data/input.csv", "a,b\n1,2\n")
+    km = kernel_manager(tmp_path, relay_config(topology, tmp_path, sync_local_dir=""))
+    km.start_kernel(cwd=str(local))  # as jupyter_server starts a notebook's kernel: in the notebook's folder
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=30)
+        out, _ = execute(client, "import mymodule, os; print(mymodule.VALUE, open('data/input.csv').read().split()[1])")
+        assert out.split() == ["1", "1,2"], "the first cell must find the local folder's files"
+        write(local, "mymodule.py", "VALUE = 2\n")
+        assert wait_until(lambda: execute(client, "import importlib; print(importlib.reload(mymodule).VALUE)")[0]
+                          .strip() == "2", VISIBLE_SECONDS), "a save must reach the kernel"
+        out, _ = execute(client, "import os; print(os.path.abspath('mymodule.py'))")
+        assert km.resolve_path(out.strip()) == str(local / "mymodule.py")
+        assert km.resolve_path("data/input.csv") == str(local / "data/input.csv")
+        assert km.resolve_path("/etc/passwd") is None
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel()
+
+
+def test_the_argv_launcher_mirrors_the_notebook_folder_it_runs_in(topology, tmp_path):
+    config = relay_config(topology, tmp_path, sync_local_dir="")
+    spec = build_kernel_json(display_name=f"Sync {tmp_path.name}", config=config)
+    spec_dir = Path(install_kernelspec(name="vssync", kernel_json=spec, prefix=str(tmp_path / "prefix")))
+    notebooks, runtime = tmp_path / "notebooks", tmp_path / "runtime"
+    runtime.mkdir()
+    write(notebooks, "helper.py", "def answer():\n    return 42\n")
+    kernel = VSCodeKernel(spec_dir, runtime_dir=runtime, notebook_dir=notebooks, env=environment_without_agent())
+    try:
+        kernel.launch()
+        out, _ = execute(kernel.client, "import helper; print(helper.answer())")
+        assert out.strip() == "42"
+    finally:
+        kernel.dispose()
+
+
+def test_outputs_come_back_and_a_local_edit_is_never_overwritten(topology, remote, local):
+    write(local, "outputs/notes.txt", "mine")
+    sync = WorkdirSync(local, remote, IgnoreRules(local))
+    sync.initial()
+    root = remote.root.replace("~/", "")
+    topology.vm_run(["sh", "-c", f"mkdir -p {root}/outputs/run1 && echo weights > {root}/outputs/run1/model.bin && "
+                                 f"echo theirs > {root}/outputs/notes.txt && echo no > {root}/elsewhere.txt"])
+    write(local, "outputs/notes.txt", "edited here meanwhile")
+    report = sync.pull(["outputs"])
+    assert (report.fetched, report.conflicts) == (2, ["outputs/notes.txt"])
+    assert (local / "outputs/run1/model.bin").read_text() == "weights\n"
+    assert (local / "outputs/notes.txt").read_text() == "edited here meanwhile"
+    assert (local / "outputs/notes (from VM).txt").read_text() == "theirs\n"
+    assert not (local / "elsewhere.txt").exists(), "only the output folders come back"
+    assert sync.pull(["outputs"]).fetched == 0, "what came back is not fetched again"
+    assert sync.sync_paths({"outputs/run1/model.bin"}).written == 0, "nor sent back to the VM"
+
+
+def test_a_kernel_s_outputs_are_here_after_it_shuts_down(topology, tmp_path, local):
+    km = kernel_manager(tmp_path, relay_config(topology, tmp_path, sync_local_dir=str(local)))
+    km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=30)
+        execute(client, "import os; os.makedirs('outputs', exist_ok=True); open('outputs/result.txt', 'w')"
+                        ".write('trained')")
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel()
+    assert (local / "outputs/result.txt").read_text() == "trained"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Dict, Float, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .errors import ConfigError
@@ -110,6 +112,42 @@ class RelayOptions(LoggingConfigurable):
         30.0, help="Upper bound for a kernel (re)start to complete over a slow link."
     ).tag(config=True)
 
+    sync_local_dir = Unicode(
+        "",
+        help="Local folder mirrored into remote_workdir while the kernel runs (saved files reach the VM in about "
+        "a fifth of a second). Empty: the folder the client starts the kernel in (the notebook's folder in "
+        "JupyterLab and VS Code). 'none': no sync.",
+    ).tag(config=True)
+
+    sync_ignore = List(
+        Unicode(),
+        help="gitignore patterns kept local, on top of the tree's .gitignore files and the defaults (.git/, "
+        "__pycache__/, .ipynb_checkpoints/, .venv/).",
+    ).tag(config=True)
+
+    sync_max_file_size_mb = Float(100.0, help="Files larger than this stay local.").tag(config=True)
+
+    sync_max_files = Int(
+        20000, help="A larger tree is not synced at all (a notebook opened in your home folder, say); the log says so."
+    ).tag(config=True)
+
+    sync_max_delete_count = Int(
+        50, help="Deleting more files than this at once (or over half the tree) is not propagated to the VM."
+    ).tag(config=True)
+
+    sync_rescan_seconds = Float(
+        30.0, help="How often the whole tree is compared with the VM, for changes the file watcher missed."
+    ).tag(config=True)
+
+    sync_output_dirs = List(
+        Unicode(),
+        default_value=["outputs"],
+        help="Folders of the work dir (relative) that come back from the VM every sync_pull_seconds and when the "
+        "kernel shuts down. A file changed here meanwhile is kept; the VM's copy lands beside it as 'NAME (from VM)'.",
+    ).tag(config=True)
+
+    sync_pull_seconds = Float(30.0, help="How often sync_output_dirs are brought back.").tag(config=True)
+
     @validate("host")
     def _check_host(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"]).strip()
@@ -145,6 +183,14 @@ class RelayOptions(LoggingConfigurable):
     def _check_lease(self, proposal: dict[str, Any]) -> float:
         return _at_least("lease_seconds", proposal["value"], 1.0)
 
+    @validate("sync_max_file_size_mb", "sync_rescan_seconds", "sync_pull_seconds")
+    def _check_sync_amounts(self, proposal: dict[str, Any]) -> float:
+        return _at_least(proposal["trait"].name, proposal["value"], 0.001)
+
+    @validate("sync_max_files", "sync_max_delete_count")
+    def _check_sync_counts(self, proposal: dict[str, Any]) -> int:
+        return int(_at_least(proposal["trait"].name, proposal["value"], 1))
+
     @validate(
         "connect_timeout_seconds",
         "command_timeout_seconds",
@@ -168,6 +214,13 @@ class RelayOptions(LoggingConfigurable):
             )
             raise ConfigError(msg)
         return Destination.parse(self.host)
+
+    def sync_dir(self, client_cwd: str | None) -> Path | None:
+        """The local folder to mirror: sync_local_dir, else the client's folder; None when sync is off."""
+        chosen = self.sync_local_dir.strip() or client_cwd or os.getcwd()
+        if chosen.lower() == "none":
+            return None
+        return Path(os.path.expanduser(chosen)).resolve()
 
     def python_argv(self) -> list[str]:
         """The remote python command as words."""

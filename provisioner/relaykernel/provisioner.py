@@ -42,7 +42,7 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
         if km is None:
             raise ConfigError("RelayProvisioner needs its KernelManager as parent (jupyter_client sets it)")
         if self.relayed is None:
-            self.relayed = RelayedKernel(self, kernel_id=self.kernel_id)
+            self.relayed = RelayedKernel(self, kernel_id=self.kernel_id, sync_dir=self.sync_dir(kwargs.get("cwd")))
         try:
             ports = await run_blocking(
                 self.relayed.start,
@@ -130,6 +130,10 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
         relay = provisioner_info.get("relay", {})
         self.host = relay.get("host", self.host)
         self.jump = relay.get("jump", self.jump)
+
+    def resolve_path(self, path: str) -> str | None:
+        """A path the kernel reported, as the local file in the mirrored work dir (``KernelManager.resolve_path``)."""
+        return self.relayed.resolve_path(path) if self.relayed is not None else None
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """A graceful shutdown crosses two SSH hops: allow at least shutdown_wait_seconds."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .errors import KERNEL, KernelNotRunning, RelayKernelError
@@ -17,6 +18,7 @@ from .options import RelayOptions
 from .remote import RemoteKernel
 from .ssh.chain import ChainPolicy, SSHChain
 from .ssh.config import SSHConfigResolver
+from .sync.mirror import WorkdirMirror
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,11 @@ def build_chain(options: RelayOptions) -> SSHChain:
 class RelayedKernel:
     """Start a kernel on the VM and make it look local: its five ports listen on 127.0.0.1 here."""
 
-    def __init__(self, options: RelayOptions, *, kernel_id: str) -> None:
+    def __init__(self, options: RelayOptions, *, kernel_id: str, sync_dir: Path | None = None) -> None:
         self.options = options
         self.kernel_id = kernel_id
+        self.sync_dir = sync_dir
+        self.mirror: WorkdirMirror | None = None
         self.chain: SSHChain | None = None
         self.remote: RemoteKernel | None = None
         self.forwards: PortForwards | None = None
@@ -72,18 +76,24 @@ class RelayedKernel:
     def _start(self, key: bytes, signature_scheme: str, local_ports: Mapping[str, int]) -> dict[str, int]:
         self.connect()
         assert self.chain is not None
+        first_start = self.mirror is None and self.sync_dir is not None
+        if first_start:
+            assert self.sync_dir is not None
+            self.mirror = WorkdirMirror(self.options, self.chain, self.sync_dir).start()  # overlaps the launch
         remote = RemoteKernel(
             self.chain, kernel_id=self.kernel_id, python_argv=self.options.python_argv(),
             timeout_seconds=self.options.command_timeout_seconds,
         )
         remote.launch(self._launch_request(key, signature_scheme), self.options.launch_timeout_seconds)
         self.remote, self._exit_expected = remote, False
+        if first_start and self.mirror is not None:
+            self.mirror.wait_and_watch(self.options.launch_timeout_seconds)
         bound = self._forward_to(remote.ports, local_ports)
         # While the link is down, new connections wait for it instead of being refused (see PortForwards.pause).
         forwards = self.forwards
         assert forwards is not None
         self.keeper = LinkKeeper(self.chain, remote, self.options, on_down=forwards.pause,
-                                 on_back=lambda: forwards.retarget(remote.ports))
+                                 on_back=lambda: self._link_back(remote))
         self.keeper.start()
         return bound
 
@@ -120,6 +130,9 @@ class RelayedKernel:
 
     def close(self) -> None:
         """Stop everything in reverse order of start; safe to call twice."""
+        if self.mirror is not None:
+            self.mirror.stop()
+            self.mirror = None
         self.stop_kernel()
         if self.forwards is not None:
             self.forwards.stop()
@@ -127,6 +140,16 @@ class RelayedKernel:
         if self.chain is not None:
             self.chain.close()
             self.chain = None
+
+    def resolve_path(self, path: str) -> str | None:
+        """The local file for a path the kernel reported, when it is in the mirrored work dir."""
+        return self.mirror.resolve(path) if self.mirror is not None else None
+
+    def _link_back(self, remote: RemoteKernel) -> None:
+        if self.forwards is not None:
+            self.forwards.retarget(remote.ports)
+        if self.mirror is not None:
+            self.mirror.resume()
 
     def info(self) -> dict[str, Any]:
         """What a later process needs to find this kernel again (provisioner persistence)."""

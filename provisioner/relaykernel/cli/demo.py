@@ -15,12 +15,14 @@ from ..sandbox.topology import LoopbackSandbox, SandboxInfo
 
 SPEC_NAME = "relaykernel-sandbox"
 DISPLAY_NAME = "Python on the relaykernel sandbox VM"
+LOCAL_MODULE = "def greeting():\n    return 'hello from a module in your local folder, synced to the VM'\n"
 CELLS = (
     "import getpass, os, platform, sys\n"
     "print('remote user:', getpass.getuser())\n"
     "print('remote cwd: ', os.getcwd())\n"
     "print('python:     ', sys.executable, platform.python_version())",
     "squares = sum(i * i for i in range(10**6))\nprint('computed on the VM:', squares)",
+    "import mymodule\nprint(mymodule.greeting())",
 )
 
 
@@ -44,11 +46,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _relay_config(info: SandboxInfo) -> dict[str, Any]:
+    local = os.path.join(info.state_dir, "laptop", "project")  # mirrored into the kernel's work dir
+    os.makedirs(local, exist_ok=True)
+    with open(os.path.join(local, "mymodule.py"), "w") as module:
+        module.write(LOCAL_MODULE)
     return {
         "host": info.vm_alias,
         "ssh_config_file": info.ssh_config_file,
         "remote_python": info.vm_python,
         "remote_workdir": os.path.join(info.state_dir, "vm-work"),
+        "sync_local_dir": local,
     }
 
 

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         log.debug("ignoring arguments meant for a local kernel: %s", args.extra_arguments)
     options = RelayOptions(**_config(args))
     info = read_connection_file(args.connection_file)
-    relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex)
+    relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex, sync_dir=options.sync_dir(os.getcwd()))
     ended = threading.Event()
     _install_signal_handlers(relayed, ended)
     local_ports = {name: int(info[name]) for name in KERNEL_PORT_NAMES}

@@ -29,6 +29,8 @@ class SyncReport:
     sent_bytes: int = 0
     refused_deletes: list[str] = field(default_factory=list)
     deferred: list[str] = field(default_factory=list)
+    fetched: int = 0
+    conflicts: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -46,6 +48,7 @@ class WorkdirSync:
         self.settle_seconds = settle_seconds
         self.synced: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) the VM has from us
         self._retry: set[str] = set()
+        self._conflicts: dict[str, tuple[int, int]] = {}  # path -> the VM's state already kept beside it
         self._lock = threading.Lock()
         self._watcher: BatchWatcher | None = None
         self._stopping = threading.Event()
@@ -78,6 +81,47 @@ class WorkdirSync:
             files = [file for path, file in sorted(local.items()) if self.synced.get(path) != (file.size,
                                                                                                  file.mtime_ns)]
             return self._push(files, sorted(set(self.synced) - set(local)))
+
+    def pull(self, output_dirs: Sequence[str]) -> SyncReport:
+        """Bring files under output_dirs back from the VM; a file edited here since is kept, the VM's copy beside it."""
+        prefixes = tuple(d.strip("/") + "/" for d in output_dirs if d.strip("/"))
+        report = SyncReport()
+        if not prefixes:
+            return report
+        with self._lock:
+            remote = self.remote.listing()
+            targets: dict[str, str] = {}
+            for path, state in sorted(remote.items()):
+                fresh = self.synced.get(path) != state and self._conflicts.get(path) != state
+                if path.startswith(prefixes) and _safe(path) and fresh:
+                    local = _state_of(self.local_root / path)
+                    if local == state:
+                        self.synced[path] = state
+                    elif local is not None and self._edited_here(path, local, state):
+                        targets[path] = _beside(path)  # keep both
+                        report.conflicts.append(path)
+                    else:
+                        targets[path] = path
+            if not targets:
+                return report
+            try:
+                fetched = self.remote.fetch(self.local_root, targets)
+            except RelayKernelError as error:
+                report.errors.append(str(error))
+                return report
+            for file in fetched:
+                self.synced[file.path] = (file.size, file.mtime_ns)  # so the watcher does not send it back
+            for path in report.conflicts:
+                self._conflicts[path] = remote[path]  # kept beside once; a later change on the VM comes again
+            report.fetched = len(fetched)
+        for path in report.conflicts:
+            log.warning("sync: %s changed both here and on the VM; the VM's copy is %s", path, _beside(path))
+        return report
+
+    def _edited_here(self, path: str, local: tuple[int, int], remote: tuple[int, int]) -> bool:
+        """Changed locally since the last sync, or (never synced) newer here than on the VM."""
+        known = self.synced.get(path)
+        return local != known if known is not None else local[1] > remote[1]
 
     def watch(self) -> WorkdirSync:
         """Sync each batch of filesystem events, and rescan every rescan_seconds, until stop()."""
@@ -174,6 +218,27 @@ class WorkdirSync:
     def _report(report: SyncReport) -> None:
         for error in report.errors:
             log.warning("sync: %s (retried with the next change)", error)
+
+
+def _state_of(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
+
+
+def _safe(path: str) -> bool:
+    """A relative path that stays inside the tree (the VM's listing is not trusted blindly)."""
+    return bool(path) and not path.startswith("/") and ".." not in path.split("/")
+
+
+def _beside(path: str) -> str:
+    """Where the VM's copy of a conflicting file goes: 'results (from VM).csv' beside 'results.csv'."""
+    stem, dot, suffix = path.rpartition(".")
+    if not dot or "/" in suffix:
+        return f"{path} (from VM)"
+    return f"{stem} (from VM).{suffix}"
 
 
 def _batches(files: Sequence[LocalFile]) -> Iterable[Sequence[LocalFile]]:

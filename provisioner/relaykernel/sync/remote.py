@@ -43,16 +43,42 @@ class RemoteTree:
         self.python_argv = list(python_argv)
         self.root = root
         self.timeout_seconds = timeout_seconds
+        self.absolute_root: str | None = None  # as the VM expanded root ("~" and symlinks), once listed
 
     def listing(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every file in the remote work dir."""
         event = self._exchange({"op": "list", "root": self.root}, payload=None)
+        self.absolute_root = str(event["root"])
         return {path: (int(size), int(mtime)) for path, (size, mtime) in event["files"].items()}
 
     def apply(self, local_root: Path, files: Sequence[LocalFile], deletes: Sequence[str]) -> dict[str, Any]:
         """Write ``files`` (atomically, with their mtimes) and delete ``deletes``; the receiver's report."""
         return self._exchange({"op": "apply", "root": self.root, "delete": list(deletes)},
                               payload=(local_root, files))
+
+    def fetch(self, local_root: Path, targets: dict[str, str]) -> list[LocalFile]:
+        """Copy remote paths to local ones (remote -> local relative path), each renamed into place whole."""
+        if not self.chain.is_active():
+            self.chain.connect()
+        channel = self.chain.open_session()
+        fetched = []
+        try:
+            channel.settimeout(self.timeout_seconds)
+            channel.exec_command(shlex.join([*self.python_argv, "-c", BOOTSTRAP]))
+            script = receiver_script()
+            request = {"op": "pack", "root": self.root, "paths": sorted(targets)}
+            channel.sendall(b"%d\n" % len(script) + script + json.dumps(request).encode() + b"\n")
+            channel.shutdown_write()
+            with tarfile.open(fileobj=channel.makefile("rb"), mode="r|") as archive:
+                for member in archive:
+                    if member.isfile() and member.name in targets:
+                        fetched.append(_receive(archive, member, local_root, targets[member.name]))
+        except (OSError, EOFError, tarfile.TarError) as error:
+            raise LinkDown(VM, self.chain.vm_label, f"fetching outputs from {self.root} was cut: {error}",
+                           "it is retried at the next pass") from None
+        finally:
+            channel.close()
+        return fetched
 
     def _exchange(self, request: dict[str, Any], payload: tuple[Path, Sequence[LocalFile]] | None) -> dict[str, Any]:
         if not self.chain.is_active():
@@ -96,6 +122,23 @@ def _send_tar(channel: Any, local_root: Path, files: Sequence[LocalFile]) -> Non
                     archive.addfile(member, _Exactly(source, info.st_size))
             except FileNotFoundError:
                 continue  # deleted since the batch was made: its delete event follows
+
+
+def _receive(archive: tarfile.TarFile, member: tarfile.TarInfo, local_root: Path, path: str) -> LocalFile:
+    """Write one member under a temporary name beside its target, then rename it into place with its mtime."""
+    target = local_root / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.rk-tmp")
+    source = archive.extractfile(member)
+    assert source is not None
+    with open(staging, "wb") as out:
+        while chunk := source.read(_READ_BYTES):
+            out.write(chunk)
+    mtime_ns = int(member.pax_headers.get(MTIME_NS_HEADER, int(member.mtime) * 10**9))
+    os.chmod(staging, member.mode & 0o777)
+    os.utime(staging, ns=(mtime_ns, mtime_ns))
+    os.replace(staging, target)
+    return LocalFile(path, member.size, mtime_ns, member.mode & 0o777)
 
 
 class _Exactly:

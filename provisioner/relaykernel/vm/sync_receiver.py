@@ -6,6 +6,8 @@ line, the request:
       -> {"event": "listing", "root": absolute DIR, "files": {path: [size, mtime_ns]}}
   {"op": "apply", "root": DIR, "delete": [path, ...]}, followed by a tar stream of regular files
       -> {"event": "applied", "written": n, "deleted": n, "errors": [text, ...]}
+  {"op": "pack", "root": DIR, "paths": [path, ...]}
+      -> a tar stream of those files on stdout (a vanished one is left out), nothing else
 Paths are relative and POSIX; one that is absolute, holds "..", or leads out of DIR through a symlink is refused.
 Each file is written to a temporary name in its directory and renamed over the old one, with the sender's mtime and
 mode, so a reader on the VM sees the old file or the new one, never a part. Deletions run after the writes.
@@ -104,6 +106,38 @@ def apply(root, request, stream):
     return {"event": "applied", "written": written, "deleted": deleted, "errors": errors}
 
 
+def pack(root, paths, stream):
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for path in paths:
+            target = inside(root, path)
+            if target is None:
+                continue
+            try:
+                with open(target, "rb") as source:
+                    info = os.fstat(source.fileno())
+                    member = tarfile.TarInfo(path)
+                    member.size, member.mode, member.mtime = info.st_size, info.st_mode & 0o777, info.st_mtime
+                    member.pax_headers = {MTIME_NS_HEADER: str(info.st_mtime_ns)}
+                    archive.addfile(member, Exactly(source, info.st_size))
+            except OSError:
+                continue
+    stream.flush()
+
+
+class Exactly:
+    """Read exactly ``size`` bytes: a file that shrank meanwhile is padded, so the stream stays well-formed."""
+
+    def __init__(self, source, size):
+        self.source, self.left = source, size
+
+    def read(self, n=-1):
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.source.read(n)
+        data += b"\0" * (n - len(data))
+        self.left -= n
+        return data
+
+
 def prune_empty_dirs(root, directory):
     while directory != root and directory.startswith(root + os.sep):
         try:
@@ -119,6 +153,8 @@ def main():
     os.makedirs(root, exist_ok=True)
     if request["op"] == "list":
         reply({"event": "listing", "root": root, "files": listing(root)})
+    elif request["op"] == "pack":
+        pack(root, request.get("paths", []), sys.stdout.buffer)
     else:
         reply(apply(root, request, sys.stdin.buffer))
     return 0
