@@ -66,3 +66,46 @@ def test_a_kernel_killed_on_the_vm_is_reported_dead(own_topology, fast_kernel):
     pid = km.provisioner.relayed.info()["remote_pid"]
     own_topology.info.vm_run(["kill", "-KILL", str(pid)])
     assert wait_until(lambda: not km.is_alive(), 10), "a dead kernel must be reported by poll()"
+
+
+def test_a_link_cut_mid_sync_ends_consistent_once_the_link_is_back(own_topology, tmp_path):
+    import hashlib
+    import os
+
+    from relaykernel.options import RelayOptions
+    from relaykernel.relayed import build_chain
+    from relaykernel.sync.engine import WorkdirSync
+    from relaykernel.sync.ignore import IgnoreRules
+    from relaykernel.sync.remote import RemoteTree
+
+    info = own_topology.info
+    options = RelayOptions(**relay_config(info, tmp_path, connect_timeout_seconds=2.0, command_timeout_seconds=3.0))
+    chain = build_chain(options)
+    chain.connect()
+    local = tmp_path / "project"
+    local.mkdir()
+    remote = RemoteTree(chain, python_argv=options.python_argv(), root="~/rk-cut-sync", timeout_seconds=3.0)
+    sync = WorkdirSync(local, remote, IgnoreRules(local), rescan_seconds=1.0).watch()
+    try:
+        (local / "big.bin").write_bytes(os.urandom(20 << 20))
+        for i in range(100):
+            (local / f"small{i}.txt").write_text(f"{i}\n" * 100)
+        time.sleep(0.45)  # the first batch is on its way: cut it
+        own_topology.tunnel.stop()
+        (local / "during-the-cut.txt").write_text("written while the VM was away")
+        time.sleep(2.0)
+        own_topology.tunnel.start()
+
+        def consistent() -> bool:
+            listing = info.vm_run(["sh", "-c", "cd rk-cut-sync 2>/dev/null && sha256sum *"]).stdout.split("\n")
+            there = {line.split()[1]: line.split()[0] for line in listing if line.strip()}
+            here = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in local.iterdir()}
+            return there == here
+
+        assert wait_until(consistent, 30), "the VM's copy did not catch up after the cut"
+        leftovers = info.vm_run(["sh", "-c", "ls -a rk-cut-sync | grep -c rk-tmp || true"]).stdout.strip()
+        assert leftovers == "0", "a cut transfer must not leave temporary files behind"
+    finally:
+        sync.stop()
+        info.vm_run(["rm", "-rf", "rk-cut-sync"])
+        chain.close()
