@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openssh-server openssh-client socat iproute2 procps python3-venv python3-ipykernel)
+packages=(openssh-server openssh-client socat iproute2 procps rsync python3-venv python3-ipykernel)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

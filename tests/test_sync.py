@@ -8,12 +8,21 @@ import os
 import pwd
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import environment_without_agent, execute, kernel_manager, relay_config, wait_until
+from helpers import (
+    VM_ALIAS,
+    environment_without_agent,
+    execute,
+    kernel_manager,
+    relay_config,
+    wait_until,
+    write_ssh_config,
+)
 from relaykernel.kernelspec import build_kernel_json, install_kernelspec
 from relaykernel.options import RelayOptions
 from relaykernel.relayed import build_chain
@@ -256,3 +265,22 @@ def test_a_kernel_s_outputs_are_here_after_it_shuts_down(topology, tmp_path, loc
         client.stop_channels()
         km.shutdown_kernel()
     assert (local / "outputs/result.txt").read_text() == "trained"
+
+
+def test_relaykernel_sync_mirrors_a_folder_with_a_progress_bar(topology, tmp_path, local):
+    for i in range(20):
+        write(local, f"src/m{i}.py", f"N = {i}\n")
+    write(local, "skip.tmp", "local only")
+    target = f"rk-cli-sync-{secrets.token_hex(3)}"
+    result = subprocess.run(
+        [sys.executable, "-m", "relaykernel", "sync", VM_ALIAS, str(local), f"~/{target}", "--ignore", "*.tmp",
+         "--ssh-config", write_ssh_config(topology, tmp_path), "--remote-python", topology.vm_python],
+        capture_output=True, text=True, timeout=120, env=environment_without_agent(),
+    )
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "20/20 files" in result.stderr and "20 written" in result.stderr
+        listing = topology.vm_run(["sh", "-c", f"cd {target} && find . -type f | sort"]).stdout.split()
+        assert listing == sorted(f"./src/m{i}.py" for i in range(20))
+    finally:
+        topology.vm_run(["rm", "-rf", target])

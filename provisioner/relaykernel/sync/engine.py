@@ -38,7 +38,7 @@ class WorkdirSync:
     """One local folder and one remote work dir; every pass is serialized, failed paths are retried later."""
 
     def __init__(self, local_root: Path, remote: RemoteTree, rules: IgnoreRules, *, max_delete_count: int = 50,
-                 max_delete_share: float = 0.5, rescan_seconds: float = 30.0, settle_seconds: float = 0.2) -> None:
+                 max_delete_share: float = 0.5, rescan_seconds: float = 30.0, settle_seconds: float = 0.05) -> None:
         self.local_root = local_root
         self.remote = remote
         self.rules = rules

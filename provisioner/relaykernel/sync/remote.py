@@ -53,7 +53,8 @@ class RemoteTree:
 
     def apply(self, local_root: Path, files: Sequence[LocalFile], deletes: Sequence[str]) -> dict[str, Any]:
         """Write ``files`` (atomically, with their mtimes) and delete ``deletes``; the receiver's report."""
-        return self._exchange({"op": "apply", "root": self.root, "delete": list(deletes)},
+        mtimes = {file.path: file.mtime_ns for file in files}
+        return self._exchange({"op": "apply", "root": self.root, "delete": list(deletes), "mtimes": mtimes},
                               payload=(local_root, files))
 
     def fetch(self, local_root: Path, targets: dict[str, str]) -> list[LocalFile]:
@@ -109,17 +110,19 @@ class RemoteTree:
 
 
 def _send_tar(channel: Any, local_root: Path, files: Sequence[LocalFile]) -> None:
-    """Stream each file as it is now; one that changed size while being read is skipped (the next batch has it)."""
+    """Stream each file as it is now, stamped with the mtime the batch recorded (the request carries it in ns).
+
+    A file that changed since it was scanned still goes whole; its newer mtime makes the next pass send it again.
+    """
     writer = cast(Any, _ChannelWriter(channel))
-    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT, bufsize=_READ_BYTES) as archive:
         for file in files:
             try:
                 with open(local_root / file.path, "rb") as source:
-                    info = os.fstat(source.fileno())
+                    size = os.fstat(source.fileno()).st_size
                     member = tarfile.TarInfo(file.path)
-                    member.size, member.mode, member.mtime = info.st_size, info.st_mode & 0o777, info.st_mtime
-                    member.pax_headers = {MTIME_NS_HEADER: str(info.st_mtime_ns)}
-                    archive.addfile(member, _Exactly(source, info.st_size))
+                    member.size, member.mode, member.mtime = size, file.mode, file.mtime_ns // 10**9
+                    archive.addfile(member, _Exactly(source, size))
             except FileNotFoundError:
                 continue  # deleted since the batch was made: its delete event follows
 

@@ -34,7 +34,7 @@ class BatchWatcher:
     the callback runs on the watcher's own thread with no lock held, so it may take its time.
     """
 
-    def __init__(self, root: Path, on_batch: Callable[[set[str]], None], *, quiet_seconds: float = 0.15,
+    def __init__(self, root: Path, on_batch: Callable[[set[str]], None], *, quiet_seconds: float = 0.1,
                  max_delay_seconds: float = 1.0) -> None:
         self.root = root
         self.on_batch = on_batch
