@@ -26,13 +26,13 @@ import paramiko
 from jupyter_client import BlockingKernelClient, KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
+from bench_topology import open_topology
 from relaykernel.kernelspec import build_kernel_json
 from relaykernel.sandbox.ports import LOOPBACK, free_loopback_ports
 from relaykernel.sandbox.processes import stop_process_tree
 from relaykernel.sandbox.tools import find_tool
-from relaykernel.sandbox.topology import LoopbackSandbox, SandboxInfo
+from relaykernel.sandbox.topology import SandboxInfo
 
-TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 WORKER_ENV = "RELAYKERNEL_BENCH_WORKER"
 SPEC_NAME = "relaybench"
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")  # Jupyter's five
@@ -318,20 +318,6 @@ def measure_round(contender: RelayKernelRun | OpenSSHRun, output_mib: int) -> Sa
     finally:
         contender.stop()
     return Sample(cold, restart, round_trip, mb_per_s, getattr(contender, "untimed_setup_s", 0.0))
-
-
-def open_topology(stack: contextlib.ExitStack) -> tuple[SandboxInfo, str]:
-    """NetnsTopology as root (the VM reachable only through the relay), else the loopback sandbox."""
-    if os.geteuid() == 0:
-        sys.path.insert(0, str(TESTS_DIR))
-        from topology import NetnsTopology
-
-        sandbox: LoopbackSandbox = NetnsTopology()
-        kind = "netns (VM in its own network namespace, reached only through the relay)"
-    else:
-        sandbox, kind = LoopbackSandbox(), "loopback (relay and VM sshd on 127.0.0.1, not root)"
-    stack.callback(sandbox.stop)
-    return sandbox.start(), kind
 
 
 def sweep_vm(info: SandboxInfo, remote_root: str, kernel_ids: list[str]) -> None:

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..forward import KERNEL_PORT_NAMES
 from ..kernelspec import load_relay_config
 from ..options import RelayOptions
+from ..pids import pid_alive
 from ..relayed import RelayedKernel
 from .options_args import add_connection_flags, given_options
 
@@ -105,16 +106,6 @@ def _supervise(relayed: RelayedKernel, ended: threading.Event) -> int:
         if status is not None:
             print(f"relaykernel: the kernel on the VM exited with status {status}", file=sys.stderr)
             return status if status >= 0 else 128 - status
-        if os.getppid() != parent or (watched and not _alive(watched)):
+        if os.getppid() != parent or (watched and not pid_alive(watched)):
             return 0
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

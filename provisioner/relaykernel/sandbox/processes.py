@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..pids import pid_alive
+
 _PROC = Path("/proc")
 
 
@@ -57,28 +59,11 @@ def signal_all(pids: list[int], signum: int) -> None:
 def wait_gone(pids: list[int], timeout_seconds: float) -> list[int]:
     """Wait until none of ``pids`` exists; return those still alive at the timeout."""
     deadline = time.monotonic() + timeout_seconds
-    alive = [pid for pid in pids if _exists(pid)]
+    alive = [pid for pid in pids if pid_alive(pid)]
     while alive and time.monotonic() < deadline:
         time.sleep(0.02)
-        alive = [pid for pid in alive if _exists(pid)]
+        alive = [pid for pid in alive if pid_alive(pid)]
     return alive
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return (_PROC / str(pid) / "stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def terminate_all(pids: list[int], timeout_seconds: float = 2.0) -> None:

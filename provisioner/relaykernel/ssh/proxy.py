@@ -19,6 +19,7 @@ import time
 import paramiko
 
 from ..errors import RELAY, ConnectError
+from ..pids import pid_alive
 
 _SHELL = "/bin/sh"
 _PID_WAIT_SECONDS = 5.0
@@ -74,12 +75,12 @@ class DetachedProxyCommand(paramiko.ProxyCommand):
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        if self.pid and _alive(self.pid):
+        if self.pid and pid_alive(self.pid):
             os.kill(self.pid, signal.SIGTERM)
 
     @property
     def closed(self) -> bool:
-        return not _alive(self.pid)
+        return not pid_alive(self.pid)
 
     @property
     def _closed(self) -> bool:
@@ -103,21 +104,3 @@ def _read_pid(fd: int, command_line: str) -> int:
     except ValueError:
         raise ConnectError(RELAY, command_line, "the ProxyCommand could not be started",
                            f"check that {_SHELL} exists and that the command runs from a terminal") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return False
