@@ -74,6 +74,10 @@ class VMSetupError(HopError):
     """A step of the bootstrap cell on the VM failed (sshd, keys, storage, tunnel)."""
 
 
+class CheckpointError(HopError):
+    """A checkpoint could not be written to (or restored from) persistent storage; the kernel is unaffected."""
+
+
 class LinkDown(HopError):
     """The SSH link is down right now; callers may retry after it is rebuilt."""
 
