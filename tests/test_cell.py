@@ -10,12 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from cell_topology import VM_ALIAS, CellTopology
+from cell_topology import PROVISIONER_DIR, VM_ALIAS, CellTopology
 from helpers import execute, kernel_manager, wait_until
 from relaykernel.cli.cell import cell_source
 from relaykernel.sandbox.keys import known_hosts_line
@@ -90,11 +91,12 @@ def vm_host_key_line(vm: CellTopology, storage: Path) -> str:
     return known_hosts_line(vm.forward_port, f"{public[0]} {public[1]}")
 
 
-def relay_kernel(vm: CellTopology, tmp_path: Path, *, vm_user: str, known: list[str], ssh_config: str = ""):
+def relay_kernel(vm: CellTopology, tmp_path: Path, *, vm_user: str, known: list[str], ssh_config: str = "",
+                 remote_workdir: str = ""):
     config = {
         "host": VM_ALIAS, "ssh_config_file": ssh_config or vm.laptop_ssh_config(vm_user, known),
         "remote_python": "/usr/bin/python3",
-        "remote_workdir": f"~/rk-cell-{secrets.token_hex(4)}", "connect_timeout_seconds": 5.0,
+        "remote_workdir": remote_workdir or f"~/rk-cell-{secrets.token_hex(4)}", "connect_timeout_seconds": 5.0,
         "command_timeout_seconds": 5.0, "liveness_interval_seconds": 0.5, "reconnect_max_backoff_seconds": 1.0,
         "sync_local_dir": "none",
     }
@@ -307,3 +309,107 @@ for status in ("starting", "up"):
     assert first["transient"]["display_id"] == update["transient"]["display_id"]
     assert "tunnel   starting" in first["data"]["text/plain"] and "tunnel   up" in update["data"]["text/plain"]
     assert json.loads((tmp_path / "status.json").read_text())["tunnel"]["status"] == "up"
+
+
+def manifest_paths(storage: Path) -> set[str]:
+    """Files in the newest complete checkpoint under storage (any project)."""
+    manifests = sorted(storage.rglob("manifests/*.json"), key=lambda path: path.name)
+    return set(json.loads(manifests[-1].read_text())["files"]) if manifests else set()
+
+
+def checkpoint_cli(vm: CellTopology, ssh_config: str, *action: str) -> subprocess.CompletedProcess[str]:
+    python = f"env PYTHONPATH={PROVISIONER_DIR} /usr/bin/python3"  # the cell installed relaykernel this way
+    return subprocess.run([sys.executable, "-m", "relaykernel", "checkpoint", VM_ALIAS, *action, "--ssh-config",
+                           ssh_config, "--remote-python", python], capture_output=True, text=True, timeout=60)
+
+
+def test_checkpoints_reach_storage_and_a_fresh_vm_restores_them_before_the_first_cell(vm, tmp_path, root_state):
+    storage, workdir = tmp_path / "drive", f"/root/rk-ckpt-{secrets.token_hex(3)}"
+    storage.mkdir()
+    try:
+        cell = start_cell(vm, tmp_path, storage / "relaykernel", root_state, workdir=workdir,
+                          checkpoint_interval_seconds=3.0)
+        assert wait_until(lambda: (storage / "relaykernel/tunnel_ed25519_key.pub").exists(), UP_SECONDS)
+        vm.authorize_tunnel_key((storage / "relaykernel/tunnel_ed25519_key.pub").read_text().strip())
+        assert cell.wait_for_tunnel("up", 40), cell.output()
+        ssh_config = vm.laptop_ssh_config("root", [vm_host_key_line(vm, storage / "relaykernel")])
+        km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[], ssh_config=ssh_config,
+                                  remote_workdir=workdir)
+        try:
+            execute(client, "import os; os.makedirs('outputs', exist_ok=True); "
+                            "open('outputs/result.txt', 'w').write('trained'); open('scratch.tmp', 'w').write('x')")
+            written = time.monotonic()
+            assert wait_until(lambda: "outputs/result.txt" in manifest_paths(storage), 3.0 + 5.0), cell.status()
+            assert time.monotonic() - written < 3.0 + 5.0
+            assert "scratch.tmp" not in manifest_paths(storage), "only the checkpoint paths are kept"
+            assert wait_until(lambda: cell.status().get("checkpoint", "").startswith("2"), 5), cell.status()
+            listed = checkpoint_cli(vm, ssh_config, "list")
+            assert listed.returncode == 0 and "file(s)" in listed.stdout, listed.stderr
+            execute(client, "open('outputs/late.txt', 'w').write('just before the VM went')")
+        finally:
+            stop_kernel(km, client)
+        os.killpg(cell.process.pid, signal.SIGTERM)  # the platform stops the VM
+        assert cell.process.wait(30) == 0
+        assert "outputs/late.txt" in manifest_paths(storage), "SIGTERM must leave a last checkpoint"
+
+        vm.kill_vm()
+        subprocess.run(["rm", "-rf", workdir, str(root_state)], check=True)  # a fresh VM: only storage survives
+        again = start_cell(vm, tmp_path, storage / "relaykernel", root_state, workdir=workdir)
+        assert again.wait_for_tunnel("up", 40), again.output()
+        assert "restored 2 file(s) from the last checkpoint" in again.output()
+        km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[], ssh_config=ssh_config,
+                                  remote_workdir=workdir)
+        try:
+            out, _ = execute(client, "print(open('outputs/result.txt').read(), open('outputs/late.txt').read())")
+            assert out.strip() == "trained just before the VM went", "the first cell must find the outputs"
+        finally:
+            stop_kernel(km, client)
+    finally:
+        subprocess.run(["rm", "-rf", workdir], check=False)
+
+
+def test_full_storage_shows_in_the_status_and_the_kernel_keeps_running(vm, tmp_path, root_state):
+    drive = tmp_path / "small-drive"
+    drive.mkdir()
+    workdir = f"/root/rk-full-{secrets.token_hex(3)}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(drive)], check=True)
+    try:
+        cell = start_cell(vm, tmp_path, drive / "relaykernel", root_state, workdir=workdir,
+                          checkpoint_interval_seconds=2.0)
+        assert wait_until(lambda: (drive / "relaykernel/tunnel_ed25519_key.pub").exists(), UP_SECONDS)
+        vm.authorize_tunnel_key((drive / "relaykernel/tunnel_ed25519_key.pub").read_text().strip())
+        assert cell.wait_for_tunnel("up", 40), cell.output()
+        km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[vm_host_key_line(vm, drive / "relaykernel")],
+                                  remote_workdir=workdir)
+        try:
+            execute(client, "import os; os.makedirs('outputs', exist_ok=True); "
+                            "open('outputs/big.bin', 'wb').write(os.urandom(3 << 20))")
+            assert wait_until(lambda: "storage full" in cell.status().get("checkpoint", ""), 15), cell.status()
+            out, _ = execute(client, "print('still here')")
+            assert out.strip() == "still here"
+        finally:
+            stop_kernel(km, client)
+        assert cell.interrupt() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(drive)], check=False)
+        subprocess.run(["rm", "-rf", workdir], check=False)
+
+
+def test_cell_settings_come_from_jupyter_config_then_the_kernelspec_then_flags(tmp_path):
+    config_dir, spec_dir = tmp_path / "jupyter-config", tmp_path / "spec"
+    config_dir.mkdir()
+    (config_dir / "jupyter_relaykernel_config.py").write_text(
+        "c.RelayOptions.checkpoint_interval_seconds = 120\nc.RelayOptions.heartbeat_seconds = 30\n")
+    spec_dir.mkdir()
+    (spec_dir / "kernel.json").write_text(json.dumps({"metadata": {"kernel_provisioner": {"config": {
+        "host": "colab", "remote_workdir": "/content/project", "heartbeat_seconds": 10}}}}))
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA me@laptop\n")
+    printed = subprocess.run(
+        [sys.executable, "-m", "relaykernel", "cell", "--relay", "me@relay", "--authorize", str(key), "--spec",
+         str(spec_dir), "--checkpoint-path", "results/**"], capture_output=True, text=True, check=True,
+        env={**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)},
+    ).stdout
+    for setting in ("checkpoint_interval_seconds=120.0,", "heartbeat_seconds=10.0,", "workdir='/content/project',",
+                    "checkpoint_paths=['results/**'],"):
+        assert setting in printed, (setting, printed)

@@ -148,6 +148,26 @@ class RelayOptions(LoggingConfigurable):
 
     sync_pull_seconds = Float(30.0, help="How often sync_output_dirs are brought back.").tag(config=True)
 
+    heartbeat_seconds = Float(
+        60.0, help="How often the VM's heartbeat cell updates its status (relaykernel cell --spec reads it)."
+    ).tag(config=True)
+
+    checkpoint_paths = List(
+        Unicode(),
+        default_value=["outputs/**", "checkpoints/**"],
+        help="What the VM's heartbeat cell checkpoints to persistent storage: globs relative to remote_workdir "
+        "('DIR/**' is everything below DIR).",
+    ).tag(config=True)
+
+    checkpoint_interval_seconds = Float(
+        300.0, help="How often the heartbeat cell checkpoints (also when a kernel ends, and on SIGTERM)."
+    ).tag(config=True)
+
+    restore_on_start = Bool(
+        True, help="On a fresh VM, the heartbeat cell restores the last checkpoint into remote_workdir before any "
+        "kernel starts (never over newer files)."
+    ).tag(config=True)
+
     @validate("host")
     def _check_host(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"]).strip()
@@ -183,7 +203,8 @@ class RelayOptions(LoggingConfigurable):
     def _check_lease(self, proposal: dict[str, Any]) -> float:
         return _at_least("lease_seconds", proposal["value"], 1.0)
 
-    @validate("sync_max_file_size_mb", "sync_rescan_seconds", "sync_pull_seconds")
+    @validate("sync_max_file_size_mb", "sync_rescan_seconds", "sync_pull_seconds", "heartbeat_seconds",
+              "checkpoint_interval_seconds")
     def _check_sync_amounts(self, proposal: dict[str, Any]) -> float:
         return _at_least(proposal["trait"].name, proposal["value"], 0.001)
 

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from ..errors import RelayKernelError
 from ..ssh.chain import TRANSPORT_LOGGER
-from . import cell, demo, doctor, install, launch, sync, trust
+from . import cell, checkpoint, demo, doctor, install, launch, sync, trust
 
-SUBCOMMANDS = (install, launch, doctor, trust, sync, demo, cell)
+SUBCOMMANDS = (install, launch, doctor, trust, sync, checkpoint, demo, cell)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
+from jupyter_core.paths import jupyter_config_path
+from traitlets.config import Config
+from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, PyFileConfigLoader
+
 from .. import __version__
 from ..errors import ConfigError
+from ..kernelspec import load_relay_config
+from ..options import RelayOptions
 from ..vm.cell import settings_for
 from ..vm.platforms import PLATFORMS
 
+CONFIG_NAME = "jupyter_relaykernel_config"
 _DEFAULT_PUBLIC_KEYS = ("~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.pub")
 
 
@@ -25,7 +33,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         + ", ".join(_DEFAULT_PUBLIC_KEYS) + ")")
     parser.add_argument("--storage", default="", metavar="DIR",
                         help="persistent directory on the VM for host keys (default: the platform's)")
-    parser.add_argument("--heartbeat-seconds", type=float, default=60.0, help="how often the status updates")
+    parser.add_argument("--spec", metavar="KERNELSPEC_DIR",
+                        help="take the work dir and the heartbeat and checkpoint settings from this kernelspec's "
+                        "provisioner config (e.g. kernelspecs/colab, or an installed one)")
+    parser.add_argument("--heartbeat-seconds", type=float, help="how often the status updates (default 60)")
+    parser.add_argument("--workdir", help="the kernels' remote_workdir on the VM (default: the platform's)")
+    parser.add_argument("--checkpoint-path", action="append", dest="checkpoint_paths", metavar="GLOB",
+                        help="what to checkpoint, relative to the work dir (repeatable; default outputs/** "
+                        "checkpoints/**)")
+    parser.add_argument("--checkpoint-interval-seconds", type=float, help="how often to checkpoint (default 300)")
+    parser.add_argument("--no-restore", dest="restore_on_start", action="store_false", default=None,
+                        help="do not restore the last checkpoint on a fresh VM")
+    parser.add_argument("--project", default="", help="the checkpoints' folder name in storage (default: the "
+                        "work dir's name)")
     parser.add_argument("--sshd-port", type=int, default=22, help="port of the VM's sshd on its 127.0.0.1")
     parser.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
                         help="extra ssh -o option for the tunnel, e.g. 'ProxyCommand=…' (repeatable)")
@@ -43,9 +63,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     keys = [_read_public_key(path) for path in (args.authorize or [_default_public_key()])]
     source = cell_source(platform=args.platform, relay=args.relay, remote_port=args.remote_port,
-                         authorized_keys=keys, storage_dir=args.storage, heartbeat_seconds=args.heartbeat_seconds,
-                         sshd_port=args.sshd_port, ssh_options=args.ssh_option, laptop_alias=args.laptop_alias,
-                         state_dir=args.state_dir, install=args.install)
+                         authorized_keys=keys, storage_dir=args.storage, sshd_port=args.sshd_port,
+                         ssh_options=args.ssh_option, laptop_alias=args.laptop_alias, state_dir=args.state_dir,
+                         install=args.install, **_kernel_side_settings(args))
     if args.out:
         import nbformat  # ~2 s to import (its schema checker): only when a notebook is written
 
@@ -58,13 +78,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def cell_source(*, platform: str, relay: str, remote_port: int, authorized_keys: list[str], storage_dir: str = "",
-                heartbeat_seconds: float = 60.0, sshd_port: int = 22, ssh_options: list[str] | None = None,
-                laptop_alias: str = "", state_dir: str = "~/.relaykernel/vm", install: str = "") -> str:
+                sshd_port: int = 22, ssh_options: list[str] | None = None, laptop_alias: str = "",
+                state_dir: str = "~/.relaykernel/vm", install: str = "", **kernel_side: Any) -> str:
     """The cell's Python source: install relaykernel (this version) if needed, then relaykernel.vm.cell.run."""
     arguments: dict[str, Any] = {
         "platform": platform, "relay": relay, "remote_port": remote_port, "authorized_keys": authorized_keys,
-        "storage_dir": storage_dir, "heartbeat_seconds": heartbeat_seconds, "sshd_port": sshd_port,
-        "ssh_options": list(ssh_options or []), "laptop_alias": laptop_alias, "state_dir": state_dir,
+        "storage_dir": storage_dir, "sshd_port": sshd_port, "ssh_options": list(ssh_options or []),
+        "laptop_alias": laptop_alias, "state_dir": state_dir, **kernel_side,
     }
     settings_for(**arguments)  # what can be checked here must not fail on the VM
     requirement = install or f"relaykernel=={__version__}"
@@ -88,6 +108,35 @@ def cell_source(*, platform: str, relay: str, remote_port: int, authorized_keys:
         ")",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _kernel_side_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Heartbeat, work dir and checkpoint settings: the flags, else the kernelspec's config, else the defaults."""
+    spec = RelayOptions(config=jupyter_config(), **(load_relay_config(args.spec) if args.spec else {}))
+    chosen: dict[str, Any] = {}
+    for name in ("heartbeat_seconds", "checkpoint_paths", "checkpoint_interval_seconds", "restore_on_start"):
+        value = getattr(args, name)
+        if value is None:
+            value = getattr(spec, name)
+        if value is not None:
+            chosen[name] = list(value) if isinstance(value, list) else value
+    workdir = args.workdir or (spec.remote_workdir if args.spec else "")
+    if workdir:
+        chosen["workdir"] = workdir
+    if args.project:
+        chosen["project"] = args.project
+    return chosen
+
+
+def jupyter_config() -> Config:
+    """``c.RelayOptions.…`` from every jupyter_relaykernel_config.py/.json on Jupyter's config path."""
+    merged = Config()
+    for directory in reversed(jupyter_config_path()):  # lowest priority first, so the user's own wins
+        for loader in (PyFileConfigLoader, JSONFileConfigLoader):
+            suffix = ".py" if loader is PyFileConfigLoader else ".json"
+            with contextlib.suppress(ConfigFileNotFound):
+                merged.merge(loader(CONFIG_NAME + suffix, path=directory).load_config())
+    return merged
 
 
 def _default_public_key() -> str:

@@ -7,8 +7,10 @@ OpenSSH binaries (sshd, ssh, ssh-keygen), so it runs on any notebook VM.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from typing import Any
 
 from ..errors import VM, VMSetupError
 from ..ssh.destination import Destination
+from .checkpoint import DEFAULT_PATTERNS, Checkpointer, save_settings
+from .checkpoint_schedule import CheckpointSchedule
 from .keys import KeyPair, stable_key
 from .notebook_env import capture_notebook_env
 from .platforms import PLATFORMS, Platform
@@ -44,21 +48,23 @@ class CellSettings:
     sshd_port: int
     ssh_options: tuple[str, ...]
     laptop_alias: str
+    workdir: Path
+    checkpoint_paths: tuple[str, ...]
+    checkpoint_interval_seconds: float
+    restore_on_start: bool
+    project: str
 
 
-def run(*, platform: str, relay: str, remote_port: int = 7423, authorized_keys: Sequence[str] = (),
-        storage_dir: str = "", state_dir: str = "~/.relaykernel/vm", heartbeat_seconds: float = 60.0,
-        sshd_port: int = 22, ssh_options: Sequence[str] = (), laptop_alias: str = "") -> None:
-    """Set the VM up, then show the status every heartbeat_seconds until the cell is interrupted."""
-    settings = settings_for(platform=platform, relay=relay, remote_port=remote_port, authorized_keys=authorized_keys,
-                            storage_dir=storage_dir, state_dir=state_dir, heartbeat_seconds=heartbeat_seconds,
-                            sshd_port=sshd_port, ssh_options=ssh_options, laptop_alias=laptop_alias)
-    HeartbeatCell(settings).run()
+def run(**arguments: Any) -> None:
+    """Set the VM up, then show the status every heartbeat_seconds until the cell is interrupted (or SIGTERM)."""
+    HeartbeatCell(settings_for(**arguments)).run()
 
 
-def settings_for(*, platform: str, relay: str, remote_port: int, authorized_keys: Sequence[str], storage_dir: str,
-                 state_dir: str, heartbeat_seconds: float, sshd_port: int, ssh_options: Sequence[str],
-                 laptop_alias: str) -> CellSettings:
+def settings_for(*, platform: str, relay: str, remote_port: int = 7423, authorized_keys: Sequence[str] = (),
+                 storage_dir: str = "", state_dir: str = "~/.relaykernel/vm", heartbeat_seconds: float = 60.0,
+                 sshd_port: int = 22, ssh_options: Sequence[str] = (), laptop_alias: str = "", workdir: str = "",
+                 checkpoint_paths: Sequence[str] = DEFAULT_PATTERNS, checkpoint_interval_seconds: float = 300.0,
+                 restore_on_start: bool = True, project: str = "") -> CellSettings:
     """Check the arguments once, with a fix for each mistake."""
     if platform not in PLATFORMS:
         raise VMSetupError(VM, "cell", f"unknown platform {platform!r}", f"use one of {', '.join(PLATFORMS)}")
@@ -67,14 +73,19 @@ def settings_for(*, platform: str, relay: str, remote_port: int, authorized_keys
     for name, port in (("remote_port", remote_port), ("sshd_port", sshd_port)):
         if not 0 < port < 65536:
             raise VMSetupError(VM, "cell", f"{name} = {port} is not a TCP port", "use 1..65535")
-    if heartbeat_seconds < 1:
-        raise VMSetupError(VM, "cell", f"heartbeat_seconds = {heartbeat_seconds} is too small", "use 1 or more")
+    for name, seconds in (("heartbeat_seconds", heartbeat_seconds),
+                          ("checkpoint_interval_seconds", checkpoint_interval_seconds)):
+        if seconds < 1:
+            raise VMSetupError(VM, "cell", f"{name} = {seconds} is too small", "use 1 or more")
+    work = Path(os.path.expanduser(workdir or preset.workdir))
     return CellSettings(
         platform=preset, relay=relay, remote_port=remote_port,
         authorized_keys=tuple(line.strip() for line in authorized_keys if line.strip()),
         storage_dir=Path(os.path.expanduser(storage_dir or preset.storage_dir)),
         state_dir=Path(os.path.expanduser(state_dir)), heartbeat_seconds=heartbeat_seconds, sshd_port=sshd_port,
-        ssh_options=tuple(ssh_options), laptop_alias=laptop_alias or preset.laptop_alias,
+        ssh_options=tuple(ssh_options), laptop_alias=laptop_alias or preset.laptop_alias, workdir=work,
+        checkpoint_paths=tuple(checkpoint_paths), checkpoint_interval_seconds=checkpoint_interval_seconds,
+        restore_on_start=restore_on_start, project=project or work.name,
     )
 
 
@@ -87,17 +98,29 @@ class HeartbeatCell:
         self.status_file = settings.state_dir / "status.json"
         self.tunnel: TunnelSupervisor | None = None
         self.tunnel_key: KeyPair | None = None
+        self.checkpoints: CheckpointSchedule | None = None
         self._display: Any = None
 
     def run(self) -> None:
+        with contextlib.suppress(ValueError):  # not the main thread: no SIGTERM handler, Ctrl-C still works
+            signal.signal(signal.SIGTERM, _terminated)
         try:
             sshd = self.set_up()
             self._introduce(sshd)
             while True:
-                self.show(self.snapshot())
+                status = self.snapshot()
+                if self.checkpoints is not None:
+                    self.checkpoints.tick(len(status.kernels))
+                    status.checkpoint = self.checkpoints.status
+                self.show(status)
                 time.sleep(self.settings.heartbeat_seconds)
         except KeyboardInterrupt:
             self._say("interrupted: taking the tunnel down (kernels keep running under their leases)")
+        except _Terminated:
+            self._say("the VM is being stopped (SIGTERM): a last checkpoint, then the tunnel goes down")
+            if self.checkpoints is not None:
+                self.checkpoints.now()
+                self._say(f"checkpoint {self.checkpoints.status}")
         finally:
             self.stop()
 
@@ -113,6 +136,7 @@ class HeartbeatCell:
                                   name=HOST_KEY_NAME, comment="relaykernel-vm-host")
         self.tunnel_key = stable_key(storage_dir=settings.storage_dir, local_dir=keys_dir, name=TUNNEL_KEY_NAME,
                                      comment=f"relaykernel-vm-tunnel-{settings.platform.name}")
+        self._set_up_checkpoints()  # the restore comes before sshd: no kernel can start before it is done
         sshd = ensure_sshd(state_dir=settings.state_dir / "sshd", port=settings.sshd_port,
                            authorized_keys=list(settings.authorized_keys), host_key=host_key)
         capture_notebook_env()
@@ -123,6 +147,17 @@ class HeartbeatCell:
         ).start()
         self.tunnel.wait_until_up(_FIRST_UP_SECONDS)
         return sshd
+
+    def _set_up_checkpoints(self) -> None:
+        settings = self.settings
+        storage = settings.storage_dir / settings.project
+        saver = Checkpointer(workdir=settings.workdir, storage=storage, patterns=settings.checkpoint_paths,
+                             mount=settings.storage_dir.parent)
+        save_settings(workdir=settings.workdir, storage=storage, mount=settings.storage_dir.parent,
+                      patterns=settings.checkpoint_paths)
+        self.checkpoints = CheckpointSchedule(saver, interval_seconds=settings.checkpoint_interval_seconds)
+        if settings.restore_on_start:
+            self._say(self.checkpoints.restore())
 
     def snapshot(self) -> VMStatus:
         assert self.tunnel is not None
@@ -191,6 +226,14 @@ class HeartbeatCell:
             self._display = display(Pretty(text), display_id=True)
         else:
             self._display.update(Pretty(text))
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the cell (the platform is stopping the VM)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _fingerprint(public_key_line: str) -> str:

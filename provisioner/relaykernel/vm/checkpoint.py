@@ -89,6 +89,8 @@ class Checkpointer:
                     self._store_object(path, manifest)
             if packed:
                 self._store_pack(packed, manifest)
+            if previous is not None and manifest.files == previous.files:
+                return Manifest(previous.id, previous.created, previous.files)  # nothing new: nothing written
             self._publish(manifest)
             self._collect_garbage()
         return manifest
@@ -96,7 +98,10 @@ class Checkpointer:
     def matching(self) -> list[str]:
         """Files under the work dir that the patterns select (relative POSIX paths), temporaries left out."""
         found = []
+        inner = _relative(self.storage, self.workdir)  # storage inside the work dir: never checkpoint itself
         for path in _files_below(self.workdir):
+            if inner and (path + "/").startswith(inner + "/"):
+                continue
             if not path.endswith(TEMP_SUFFIX) and any(_matches(path, pattern) for pattern in self.patterns):
                 found.append(path)
         return sorted(found)
@@ -273,7 +278,10 @@ def _load_manifest(path: Path) -> Manifest:
 
 
 def _new_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{secrets.token_hex(3)}"
+    """Sortable by time to the microsecond (checkpoints can follow each other within a second)."""
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
+    return f"{stamp}.{now // 1000 % 10**6:06d}Z-{secrets.token_hex(2)}"
 
 
 def _files_below(root: Path) -> Iterator[str]:
@@ -292,7 +300,67 @@ def _matches(path: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(path, pattern)
 
 
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return ""
+
+
 def _inside(root: Path, path: str) -> Path | None:
     if path.startswith("/") or ".." in path.split("/"):
         return None
     return root / path
+
+
+SETTINGS_FILE = "~/.relaykernel/checkpoint.json"  # the heartbeat cell's settings, for `relaykernel checkpoint`
+
+
+def save_settings(*, workdir: Path, storage: Path, mount: Path, patterns: Sequence[str]) -> None:
+    """Record where the cell checkpoints, so a command run over SSH later finds the same place."""
+    target = Path(os.path.expanduser(SETTINGS_FILE))
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    document = {"workdir": str(workdir), "storage": str(storage), "mount": str(mount), "patterns": list(patterns)}
+    staging = target.with_name(target.name + TEMP_SUFFIX)
+    staging.write_text(json.dumps(document))
+    os.replace(staging, target)
+
+
+def from_settings() -> Checkpointer:
+    """The Checkpointer the heartbeat cell set up on this VM."""
+    try:
+        document = json.loads(Path(os.path.expanduser(SETTINGS_FILE)).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(VM, SETTINGS_FILE, "no checkpoint settings on this VM",
+                              "run the relaykernel cell in the VM's notebook first") from None
+    return Checkpointer(workdir=Path(document["workdir"]), storage=Path(document["storage"]),
+                        mount=Path(document["mount"]), patterns=document["patterns"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m relaykernel.vm.checkpoint now|list|restore [ID]`` on the VM: one JSON line on stdout."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    action, chosen = (args + [""])[0], (args + ["", ""])[1]
+    try:
+        saver = from_settings()
+        if action == "now":
+            made = saver.checkpoint()
+            result: dict = {"id": made.id, "files": len(made.files), "copied_bytes": made.copied_bytes}
+        elif action == "list":
+            result = {"checkpoints": [{"id": m.id, "created": m.created, "files": len(m.files),
+                                       "bytes": sum(e.size for e in m.files.values())} for m in saver.manifests()]}
+        elif action == "restore":
+            report = saver.restore(chosen)
+            result = {"restored": report.restored, "kept_newer": report.kept_newer}
+        else:
+            result = {"error": f"unknown action {action!r}: use now, list or restore [ID]"}
+    except CheckpointError as error:
+        result = {"error": str(error)}
+    print(json.dumps(result))
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,14 +11,16 @@ class Platform:
 
     name: str
     title: str
-    storage_dir: str
+    storage_dir: str  # persistent: keys, the relay's pinned key, checkpoints (never inside workdir)
     runtime_limit_hours: float | None
     laptop_alias: str
+    workdir: str  # the stock kernelspec's remote_workdir: where kernels run, what checkpoints come from
 
 
 PLATFORMS = {
-    "colab": Platform("colab", "Colab", "/content/drive/MyDrive/relaykernel", 12.0, "colab"),
-    "aistudio": Platform("aistudio", "AI Studio", "~/work/relaykernel", None, "aistudio"),
-    "kaggle": Platform("kaggle", "Kaggle", "/kaggle/working/relaykernel", 12.0, "kaggle"),
-    "generic": Platform("generic", "this VM", "~/.relaykernel/storage", None, "notebook-vm"),
+    "colab": Platform("colab", "Colab", "/content/drive/MyDrive/relaykernel", 12.0, "colab", "/content/relaykernel"),
+    "aistudio": Platform("aistudio", "AI Studio", "~/work/.relaykernel", None, "aistudio", "~/work/relaykernel"),
+    "kaggle": Platform("kaggle", "Kaggle", "/kaggle/working/.relaykernel", 12.0, "kaggle",
+                       "/kaggle/working/relaykernel"),
+    "generic": Platform("generic", "this VM", "~/.relaykernel/storage", None, "notebook-vm", "~/relaykernel"),
 }

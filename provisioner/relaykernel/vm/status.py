@@ -39,6 +39,7 @@ class VMStatus:
     kernels: list[KernelLease] = field(default_factory=list)
     gpu: str = ""
     runtime_left_seconds: float | None = None
+    checkpoint: str = ""
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -57,6 +58,7 @@ class VMStatus:
             f"kernels  {_kernels(self.kernels)}",
             f"GPU      {self.gpu or 'none visible (no nvidia-smi)'}",
             f"runtime  {_runtime(self.runtime_left_seconds)}",
+            f"saved    {self.checkpoint}" if self.checkpoint else "",
             f"log      {log_file}",
         ]
         return "\n".join(line for line in lines if line)
