@@ -385,6 +385,7 @@ def test_full_storage_shows_in_the_status_and_the_kernel_keeps_running(vm, tmp_p
             execute(client, "import os; os.makedirs('outputs', exist_ok=True); "
                             "open('outputs/big.bin', 'wb').write(os.urandom(3 << 20))")
             assert wait_until(lambda: "storage full" in cell.status().get("checkpoint", ""), 15), cell.status()
+            assert "checkpoint FAILED" in (root_state / "cell.log").read_text(), "the log says it too"
             out, _ = execute(client, "print('still here')")
             assert out.strip() == "still here"
         finally:

@@ -175,8 +175,9 @@ class HeartbeatCell:
         staging.write_text(status.as_json())
         os.replace(staging, self.status_file)
         with open(self.log_file, "a") as log:
+            failed = f", checkpoint {status.checkpoint}" if status.checkpoint.startswith("FAILED") else ""
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} tunnel {status.tunnel.status}, "
-                      f"{len(status.kernels)} kernel(s)\n")
+                      f"{len(status.kernels)} kernel(s){failed}\n")
         self._update_display(text)
 
     def stop(self) -> None:
