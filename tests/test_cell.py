@@ -25,6 +25,9 @@ from topology import VM_USER
 pytestmark = [pytest.mark.usefixtures("no_ssh_agent"), pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="the cell tests build a network namespace: root only")]
 UP_SECONDS = 20.0
+# What `relaykernel cell` writes into every cell when no config, kernelspec or flag says otherwise.
+CELL_DEFAULTS = {"heartbeat_seconds": 60.0, "checkpoint_paths": ["outputs/**", "checkpoints/**"],
+                 "checkpoint_interval_seconds": 300.0, "restore_on_start": True}
 MARKER = "RELAYKERNEL_NOTEBOOK_MARKER"
 
 
@@ -249,7 +252,7 @@ def test_the_printed_cell_is_what_runs(tmp_path):
          "--authorize", str(key)], capture_output=True, text=True, check=True,
     ).stdout
     expected = cell_source(platform="kaggle", relay="me@relay.example.org", remote_port=7423,
-                           authorized_keys=[key.read_text().strip()])
+                           authorized_keys=[key.read_text().strip()], **CELL_DEFAULTS)
     assert printed == expected + "\n"
     compile(printed, "cell", "exec")
 
@@ -264,7 +267,7 @@ def test_out_writes_a_bootstrap_notebook_holding_the_same_cell(tmp_path):
     nbformat.validate(notebook)
     (cell,) = notebook.cells
     assert cell.source == cell_source(platform="colab", relay="me@relay:2222", remote_port=7423,
-                                      authorized_keys=[key.read_text().strip()])
+                                      authorized_keys=[key.read_text().strip()], **CELL_DEFAULTS)
     assert 'drive.mount("/content/drive")' in cell.source
 
 
