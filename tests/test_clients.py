@@ -262,7 +262,11 @@ def test_jupyter_run_prints_the_remote_output(topology: Any, spec: Spec, form: s
 def test_jupyter_console_runs_code_from_stdin(topology: Any, spec: Spec) -> None:
     argv = [sys.executable, "-m", "jupyter_console", f"--kernel={spec.name}", "--simple-prompt",
             "--ZMQTerminalInteractiveShell.kernel_timeout=60"]
-    code = "import getpass\nprint('console user', getpass.getuser())\nprint('sum', sum(range(100)))\nexit\n"
+    # jupyter console sends its first cell without checking that iopub is subscribed; piped input arrives at
+    # once, and over a remote link the subscription can land after that cell's idle status, which the console
+    # then waits for forever. A person cannot type that fast; a script's first line gives iopub the time.
+    code = ("import time; time.sleep(1)\nimport getpass\nprint('console user', getpass.getuser())\n"
+            "print('sum', sum(range(100)))\nexit\n")
     out, ports = run_watching_ports(spec, argv, stdin=code, timeout_seconds=20)
     assert f"console user {topology.vm_user}" in out, out
     assert "sum 4950" in out, out
