@@ -417,3 +417,27 @@ def test_cell_settings_come_from_jupyter_config_then_the_kernelspec_then_flags(t
     for setting in ("checkpoint_interval_seconds=120.0,", "heartbeat_seconds=10.0,", "workdir='/content/project',",
                     "checkpoint_paths=['results/**'],"):
         assert setting in printed, (setting, printed)
+
+
+def test_a_kernel_that_ends_is_checkpointed_without_waiting_for_the_interval(vm, tmp_path, root_state):
+    storage, workdir = tmp_path / "drive", f"/root/rk-end-{secrets.token_hex(3)}"
+    storage.mkdir()
+    try:
+        cell = start_cell(vm, tmp_path, storage / "relaykernel", root_state, workdir=workdir,
+                          checkpoint_interval_seconds=3600.0)
+        assert wait_until(lambda: (storage / "relaykernel/tunnel_ed25519_key.pub").exists(), UP_SECONDS)
+        vm.authorize_tunnel_key((storage / "relaykernel/tunnel_ed25519_key.pub").read_text().strip())
+        assert cell.wait_for_tunnel("up", 40), cell.output()
+        km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[vm_host_key_line(vm, storage / "relaykernel")],
+                                  remote_workdir=workdir)
+        try:
+            execute(client, "import os; os.makedirs('outputs', exist_ok=True); open('outputs/final.txt', 'w')"
+                            ".write('done')")
+            assert wait_until(lambda: len(cell.status().get("kernels", [])) == 1, 5)
+            assert "outputs/final.txt" not in manifest_paths(storage), "no checkpoint before the kernel ends"
+        finally:
+            stop_kernel(km, client)
+        assert wait_until(lambda: "outputs/final.txt" in manifest_paths(storage), 5), cell.status()
+        assert cell.interrupt() == 0
+    finally:
+        subprocess.run(["rm", "-rf", workdir], check=False)
