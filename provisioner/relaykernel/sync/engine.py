@@ -178,6 +178,8 @@ class WorkdirSync:
         files = [file for file in files if file.mtime_ns <= newest_settled]
         batches = list(_batches(files)) or ([[]] if deletes else [])
         for index, batch in enumerate(batches):
+            if self._stopping.is_set():  # stop() during a long pass: end at a batch boundary
+                break
             self._send(batch, deletes if index == len(batches) - 1 else [], report)  # deletes go last
             if progress:
                 progress(report.written, len(files), report.sent_bytes)

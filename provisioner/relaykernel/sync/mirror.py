@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from pathlib import Path, PurePosixPath
@@ -73,8 +74,9 @@ class WorkdirMirror:
     def stop(self) -> None:
         """Stop following changes, bring the outputs back one last time (before the kernel's files go)."""
         self._stopping.set()
-        self._initial.join(timeout=0.1)
-        self.sync.stop()
+        self.sync.stop()  # a long initial sync ends at its next batch boundary
+        if self._initial.is_alive():
+            self._initial.join(self.remote.timeout_seconds)
         if self._puller.is_alive():
             self._puller.join()
         if self.ready:
@@ -95,10 +97,9 @@ class WorkdirMirror:
 
     def _initial_sync(self) -> None:
         try:
-            count = sum(1 for _ in self.sync.rules.walk())
-            if count > self.max_files:
-                log.warning("sync: %s holds %d files (sync_max_files = %d): not syncing it; open the notebook from "
-                            "its project folder, or set sync_local_dir", self.local_dir, count, self.max_files)
+            if sum(1 for _ in itertools.islice(self.sync.rules.walk(), self.max_files + 1)) > self.max_files:
+                log.warning("sync: %s holds more than %d files (sync_max_files): not syncing it; open the notebook "
+                            "from its project folder, or set sync_local_dir", self.local_dir, self.max_files)
                 return
             report = self.sync.initial()
         except (RelayKernelError, OSError) as error:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
+
+from paramiko import SSHException
 
 from ..errors import VM, LinkDown
 from ..ssh.chain import SSHChain
@@ -59,29 +62,33 @@ class RemoteTree:
 
     def fetch(self, local_root: Path, targets: dict[str, str]) -> list[LocalFile]:
         """Copy remote paths to local ones (remote -> local relative path), each renamed into place whole."""
-        if not self.chain.is_active():
-            self.chain.connect()
-        channel = self.chain.open_session()
         fetched = []
-        try:
-            channel.settimeout(self.timeout_seconds)
-            channel.exec_command(shlex.join([*self.python_argv, "-c", BOOTSTRAP]))
-            script = receiver_script()
-            request = {"op": "pack", "root": self.root, "paths": sorted(targets)}
-            channel.sendall(b"%d\n" % len(script) + script + json.dumps(request).encode() + b"\n")
+        with self._receiver({"op": "pack", "root": self.root, "paths": sorted(targets)}, "fetching outputs") as channel:
             channel.shutdown_write()
             with tarfile.open(fileobj=channel.makefile("rb"), mode="r|") as archive:
                 for member in archive:
                     if member.isfile() and member.name in targets:
                         fetched.append(_receive(archive, member, local_root, targets[member.name]))
-        except (OSError, EOFError, tarfile.TarError) as error:
-            raise LinkDown(VM, self.chain.vm_label, f"fetching outputs from {self.root} was cut: {error}",
-                           "it is retried at the next pass") from None
-        finally:
-            channel.close()
         return fetched
 
     def _exchange(self, request: dict[str, Any], payload: tuple[Path, Sequence[LocalFile]] | None) -> dict[str, Any]:
+        with self._receiver(request, "syncing") as channel:
+            if payload is not None:
+                _send_tar(channel, *payload)
+            channel.shutdown_write()
+            output = channel.makefile("rb").read()
+            status = channel.recv_exit_status()
+            stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()[-500:]
+        lines = output.decode(errors="replace").strip().splitlines()
+        if status != 0 or not lines:
+            raise LinkDown(VM, self.chain.vm_label, f"the VM's sync receiver failed (exit {status}): {stderr}",
+                           "check remote_python and the remote work dir")
+        event: dict[str, Any] = json.loads(lines[-1])
+        return event
+
+    @contextlib.contextmanager
+    def _receiver(self, request: dict[str, Any], doing: str) -> Iterator[Any]:
+        """The receiver started on the VM with ``request`` sent; any cut becomes LinkDown; always closed."""
         if not self.chain.is_active():
             self.chain.connect()  # rebuilds only what a cut broke; raises a HopError while the VM stays away
         channel = self.chain.open_session()
@@ -90,23 +97,12 @@ class RemoteTree:
             channel.exec_command(shlex.join([*self.python_argv, "-c", BOOTSTRAP]))
             script = receiver_script()
             channel.sendall(b"%d\n" % len(script) + script + json.dumps(request).encode() + b"\n")
-            if payload is not None:
-                _send_tar(channel, *payload)
-            channel.shutdown_write()
-            output = channel.makefile("rb").read()
-            status = channel.recv_exit_status()
-        except (OSError, EOFError) as error:
-            raise LinkDown(VM, self.chain.vm_label, f"sync to {self.root} was cut: {error}",
-                           "it resumes once the link is back") from None
+            yield channel
+        except (OSError, EOFError, tarfile.TarError, SSHException) as error:
+            raise LinkDown(VM, self.chain.vm_label, f"{doing} ({self.root}) was cut: {error}",
+                           "it is retried at the next pass, once the link is back") from None
         finally:
             channel.close()
-        lines = output.decode(errors="replace").strip().splitlines()
-        if status != 0 or not lines:
-            stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()[-500:]
-            raise LinkDown(VM, self.chain.vm_label, f"the VM's sync receiver failed (exit {status}): {stderr}",
-                           "check remote_python and the remote work dir")
-        event: dict[str, Any] = json.loads(lines[-1])
-        return event
 
 
 def _send_tar(channel: Any, local_root: Path, files: Sequence[LocalFile]) -> None:
