@@ -47,8 +47,12 @@ class DetachedProxyCommand(paramiko.ProxyCommand):
         finally:
             for fd in (stdin_read, stdout_write, pid_write):
                 os.close(fd)
+        self.pid = 0
         try:
             self.pid = _read_pid(pid_read, command_line)
+        except BaseException:
+            self.close()  # our pipe ends: a proxy that did start sees EOF and ends
+            raise
         finally:
             os.close(pid_read)
             os.waitpid(shell, 0)
@@ -80,7 +84,7 @@ class DetachedProxyCommand(paramiko.ProxyCommand):
 
     @property
     def closed(self) -> bool:
-        return not pid_alive(self.pid)
+        return not self.pid or not pid_alive(self.pid)
 
     @property
     def _closed(self) -> bool:

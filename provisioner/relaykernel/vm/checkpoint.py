@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import secrets
+import sys
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
@@ -339,8 +340,6 @@ def from_settings() -> Checkpointer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m relaykernel.vm.checkpoint now|list|restore [ID]`` on the VM: one JSON line on stdout."""
-    import sys
-
     args = list(sys.argv[1:] if argv is None else argv)
     action, chosen = (args + [""])[0], (args + ["", ""])[1]
     try:
