@@ -89,6 +89,20 @@ def start_cell(vm: CellTopology, tmp_path: Path, storage: Path, state_dir: Path,
     return Cell(vm, vm.cell_arguments(storage, **overrides), user=user, state_dir=state_dir, log=log)
 
 
+def authorize_when_made(vm: CellTopology, cell: Cell, storage: Path) -> None:
+    """What the user does after a first run: put the key the cell made (and printed) on the relay."""
+    key = storage / "tunnel_ed25519_key.pub"
+    assert wait_until(key.exists, UP_SECONDS), cell.output()
+    vm.authorize_tunnel_key(key.read_text().strip())
+
+
+def bring_up(vm: CellTopology, cell: Cell, storage: Path) -> Cell:
+    """The first run through to a tunnel that is up."""
+    authorize_when_made(vm, cell, storage)
+    assert cell.wait_for_tunnel("up", 40), cell.output()
+    return cell
+
+
 def vm_host_key_line(vm: CellTopology, storage: Path) -> str:
     public = (storage / "host_keys" / "ssh_host_ed25519_key.pub").read_text().split()
     return known_hosts_line(vm.forward_port, f"{public[0]} {public[1]}")
@@ -181,9 +195,7 @@ def test_root_cell_first_run_tunnel_kernel_env_and_recovery(vm, tmp_path, root_s
 def test_a_recycled_vm_with_the_same_storage_keeps_its_host_key(vm, tmp_path, root_state):
     storage = tmp_path / "drive"
     first = start_cell(vm, tmp_path, storage, root_state)
-    assert wait_until(lambda: (storage / "tunnel_ed25519_key.pub").exists(), UP_SECONDS), first.output()
-    vm.authorize_tunnel_key((storage / "tunnel_ed25519_key.pub").read_text().strip())
-    assert first.wait_for_tunnel("up", 40), first.output()
+    bring_up(vm, first, storage)
     known = [vm_host_key_line(vm, storage)]
     km, client = relay_kernel(vm, tmp_path, vm_user="root", known=known)
     stop_kernel(km, client)
@@ -203,8 +215,7 @@ def test_a_recycled_vm_with_the_same_storage_keeps_its_host_key(vm, tmp_path, ro
 def test_a_relay_that_refuses_the_forward_is_reported(vm, tmp_path, root_state):
     storage = tmp_path / "drive"
     cell = start_cell(vm, tmp_path, storage, root_state, remote_port=vm.spare_port)
-    assert wait_until(lambda: (storage / "tunnel_ed25519_key.pub").exists(), UP_SECONDS)
-    vm.authorize_tunnel_key((storage / "tunnel_ed25519_key.pub").read_text().strip())  # for forward_port only
+    authorize_when_made(vm, cell, storage)  # for forward_port only
     assert wait_until(lambda: "refused to listen" in cell.status().get("tunnel", {}).get("detail", ""), 40), \
         cell.status()
     assert cell.tunnel() == "refused"
@@ -219,9 +230,7 @@ def test_non_root_cell_reuses_the_platform_sshd(vm, tmp_path):
     try:
         subprocess.run(["runuser", "-u", VM_USER, "--", "mkdir", "-p", str(storage)], check=True)
         cell = start_cell(vm, tmp_path, storage, state, user=VM_USER)
-        assert wait_until(lambda: (storage / "tunnel_ed25519_key.pub").exists(), UP_SECONDS), cell.output()
-        vm.authorize_tunnel_key((storage / "tunnel_ed25519_key.pub").read_text().strip())
-        assert cell.wait_for_tunnel("up", 40), cell.output()
+        bring_up(vm, cell, storage)
         assert not (storage / "host_keys").exists(), "only root runs its own sshd with a kept host key"
         scanned = subprocess.run(["ip", "netns", "exec", vm.netns, "ssh-keyscan", "-t", "ed25519", "127.0.0.1"],
                                  capture_output=True, text=True, check=True).stdout.split()
@@ -332,9 +341,7 @@ def test_checkpoints_reach_storage_and_a_fresh_vm_restores_them_before_the_first
     try:
         cell = start_cell(vm, tmp_path, storage / "relaykernel", root_state, workdir=workdir,
                           checkpoint_interval_seconds=3.0)
-        assert wait_until(lambda: (storage / "relaykernel/tunnel_ed25519_key.pub").exists(), UP_SECONDS)
-        vm.authorize_tunnel_key((storage / "relaykernel/tunnel_ed25519_key.pub").read_text().strip())
-        assert cell.wait_for_tunnel("up", 40), cell.output()
+        bring_up(vm, cell, storage / "relaykernel")
         ssh_config = vm.laptop_ssh_config("root", [vm_host_key_line(vm, storage / "relaykernel")])
         km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[], ssh_config=ssh_config,
                                   remote_workdir=workdir)
@@ -379,9 +386,7 @@ def test_full_storage_shows_in_the_status_and_the_kernel_keeps_running(vm, tmp_p
     try:
         cell = start_cell(vm, tmp_path, drive / "relaykernel", root_state, workdir=workdir,
                           checkpoint_interval_seconds=2.0)
-        assert wait_until(lambda: (drive / "relaykernel/tunnel_ed25519_key.pub").exists(), UP_SECONDS)
-        vm.authorize_tunnel_key((drive / "relaykernel/tunnel_ed25519_key.pub").read_text().strip())
-        assert cell.wait_for_tunnel("up", 40), cell.output()
+        bring_up(vm, cell, drive / "relaykernel")
         km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[vm_host_key_line(vm, drive / "relaykernel")],
                                   remote_workdir=workdir)
         try:
@@ -425,9 +430,7 @@ def test_a_kernel_that_ends_is_checkpointed_without_waiting_for_the_interval(vm,
     try:
         cell = start_cell(vm, tmp_path, storage / "relaykernel", root_state, workdir=workdir,
                           checkpoint_interval_seconds=3600.0)
-        assert wait_until(lambda: (storage / "relaykernel/tunnel_ed25519_key.pub").exists(), UP_SECONDS)
-        vm.authorize_tunnel_key((storage / "relaykernel/tunnel_ed25519_key.pub").read_text().strip())
-        assert cell.wait_for_tunnel("up", 40), cell.output()
+        bring_up(vm, cell, storage / "relaykernel")
         km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[vm_host_key_line(vm, storage / "relaykernel")],
                                   remote_workdir=workdir)
         try:
