@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from relaykernel.errors import RELAY, VM
+from relaykernel.common.errors import RELAY, VM
 from relaykernel.sandbox.keys import SshHost, authorized_key_line, generate_keypairs, write_lines, write_ssh_config
 from relaykernel.sandbox.ports import LOOPBACK, free_loopback_ports
 from relaykernel.sandbox.processes import stop_process_tree, terminate_all, wait_gone

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relaykernel.errors import HopError
+from relaykernel.common.errors import HopError
 from relaykernel.sandbox.tools import find_tool
 from relaykernel.sandbox.topology import LoopbackSandbox, SandboxInfo
 from topology import NetnsTopology

@@ -16,8 +16,8 @@ from typing import Any
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
+from relaykernel.common.destination import Destination
 from relaykernel.kernelspec import build_kernel_json
-from relaykernel.ssh.destination import Destination
 
 VM_ALIAS = "testvm"
 RELAY_ALIAS = "testrelay"

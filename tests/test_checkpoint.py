@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_until
-from relaykernel.errors import CheckpointError
+from relaykernel.common.errors import CheckpointError
 from relaykernel.vm.checkpoint import Checkpointer
 
 

@@ -15,7 +15,7 @@ from contextlib import suppress
 import pytest
 import zmq
 
-from relaykernel.errors import VM, ConfigError, ForwardBindError, LinkDown
+from relaykernel.common.errors import VM, ConfigError, ForwardBindError, LinkDown
 from relaykernel.forward import KERNEL_PORT_NAMES, LocalForwarder, PortForwards
 
 Handler = Callable[[socket.socket], None]

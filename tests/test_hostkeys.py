@@ -11,7 +11,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from relaykernel.errors import VM, ChangedHostKey, RevokedHostKey, UnknownHostKey
+from relaykernel.common.errors import VM, ChangedHostKey, RevokedHostKey, UnknownHostKey
 from relaykernel.ssh.hostkeys import KnownHosts, fingerprint, known_hosts_line
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")

@@ -12,7 +12,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
 from relaykernel.cli import main
-from relaykernel.errors import ConfigError
+from relaykernel.common.errors import ConfigError
 from relaykernel.kernelspec import PROVISIONER_NAME, build_kernel_json, check_kernel_json, install_kernelspec
 
 STOCK = Path(__file__).resolve().parent.parent / "kernelspecs"

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from relaykernel.errors import ConfigError
+from relaykernel.common.destination import Destination
+from relaykernel.common.errors import ConfigError
 from relaykernel.ssh import config as ssh_config
 from relaykernel.ssh.config import HopSettings, SSHConfigResolver
-from relaykernel.ssh.destination import Destination
 
 HAVE_SSH = shutil.which("ssh") is not None
 BACKENDS = [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relaykernel.errors import ConnectError
+from relaykernel.common.errors import ConnectError
 from relaykernel.sandbox.sshd import SshdServer
 from relaykernel.sandbox.topology import LoopbackSandbox, SandboxInfo
 from topology import LeftoverProcessWarning

@@ -10,7 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
-from relaykernel.errors import VM
+from relaykernel.common.errors import VM
 from relaykernel.sandbox.keys import KeyPair
 from relaykernel.sandbox.processes import descendants, stop_process_tree, terminate_all, wait_gone
 from relaykernel.sandbox.sshd import SshdServer

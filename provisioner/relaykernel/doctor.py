@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import AuthError, ConnectError, ForwardRefused, HostKeyError, RelayKernelError
+from .common.errors import AuthError, ConnectError, ForwardRefused, HostKeyError, RelayKernelError
 from .options import RelayOptions
 from .relayed import build_chain
 from .ssh.chain import SSHChain, describe

@@ -12,7 +12,7 @@ from contextlib import suppress
 from types import TracebackType
 from typing import Protocol
 
-from .errors import LOCAL, ConfigError, ForwardBindError, KernelNotRunning
+from .common.errors import LOCAL, ConfigError, ForwardBindError, KernelNotRunning
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from .errors import RelayKernelError
+from .common.errors import RelayKernelError
 from .options import RelayOptions
 from .remote import RemoteKernel
 from .ssh.chain import SSHChain

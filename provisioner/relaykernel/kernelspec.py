@@ -12,7 +12,7 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 
-from .errors import ConfigError
+from .common.errors import ConfigError
 
 PROVISIONER_NAME = "relay-provisioner"
 _NAME = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)

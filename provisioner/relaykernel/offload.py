@@ -8,7 +8,7 @@ import functools
 import threading
 from typing import Any, Callable, TypeVar
 
-from .errors import OperationTimeout
+from .common.errors import OperationTimeout
 
 T = TypeVar("T")
 

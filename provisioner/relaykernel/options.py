@@ -11,8 +11,8 @@ from typing import Any
 from traitlets import Bool, Dict, Float, Int, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from .errors import ConfigError
-from .ssh.destination import Destination, parse_jump_chain
+from .common.destination import Destination, parse_jump_chain
+from .common.errors import ConfigError
 
 _KERNEL_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 

@@ -9,7 +9,7 @@ from typing import Any, cast
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from .errors import ConfigError, RelayKernelError
+from .common.errors import ConfigError, RelayKernelError
 from .forward import KERNEL_PORT_NAMES
 from .offload import run_blocking
 from .options import RelayOptions

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import KERNEL, KernelNotRunning, RelayKernelError
+from .common.errors import KERNEL, KernelNotRunning, RelayKernelError
 from .forward import PortForwards
 from .keeper import LinkKeeper
 from .options import RelayOptions

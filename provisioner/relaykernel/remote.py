@@ -8,8 +8,8 @@ import threading
 from importlib import resources
 from typing import Any
 
+from .common.errors import KERNEL, VM, LinkDown, RemoteLaunchError
 from .control import EOF_EVENT, ControlStream
-from .errors import KERNEL, VM, LinkDown, RemoteLaunchError
 from .forward import KERNEL_PORT_NAMES
 from .ssh.chain import SSHChain
 from .vm.supervisor import BOOTSTRAP

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..errors import RelayKernelError
+from ..common.errors import RelayKernelError
 from ..ssh.chain import TRANSPORT_LOGGER
 from . import cell, checkpoint, demo, doctor, install, launch, sync, trust
 

@@ -13,7 +13,7 @@ from traitlets.config import Config
 from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, PyFileConfigLoader
 
 from .. import __version__
-from ..errors import ConfigError
+from ..common.errors import ConfigError
 from ..kernelspec import load_relay_config
 from ..options import RelayOptions
 from ..vm.cell import settings_for

@@ -7,7 +7,7 @@ import json
 import shlex
 import time
 
-from ..errors import VM, CheckpointError
+from ..common.errors import VM, CheckpointError
 from ..options import RelayOptions
 from ..relayed import build_chain
 from .options_args import add_connection_flags, given_options

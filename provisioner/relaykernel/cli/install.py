@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from ..errors import ConfigError
+from ..common.errors import ConfigError
 from ..kernelspec import build_kernel_json, check_name, install_kernelspec, load_kernel_json
 from ..options import RelayOptions
 from .options_args import add_connection_flags, given_options

@@ -12,7 +12,7 @@ import threading
 import uuid
 from typing import Any
 
-from ..errors import ConfigError
+from ..common.errors import ConfigError
 from ..forward import KERNEL_PORT_NAMES
 from ..kernelspec import load_relay_config
 from ..options import RelayOptions

@@ -7,7 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..common.errors import ConfigError
 from ..options import RelayOptions
 from ..relayed import build_chain
 from ..sync.engine import SyncReport, WorkdirSync

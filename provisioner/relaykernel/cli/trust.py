@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import VM, ChangedHostKey, ConfigError, HostKeyError, UnknownHostKey
+from ..common.errors import VM, ChangedHostKey, ConfigError, HostKeyError, UnknownHostKey
 from ..options import RelayOptions
 from ..relayed import build_chain
 from ..ssh.hostkeys import KnownHosts, fingerprint

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LOCAL, HopError
+from ..common.errors import LOCAL, HopError
 from .ports import LOOPBACK
 from .tools import find_tool
 

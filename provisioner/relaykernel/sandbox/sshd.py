@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Union
 
-from ..errors import ConfigError, ConnectError
+from ..common.errors import ConfigError, ConnectError
 from .keys import generate_keypair, known_hosts_line, quote_if_spaced, write_lines
 from .ports import LOOPBACK, free_loopback_port, wait_for_ssh_banner
 from .processes import log_tail, stop_process_tree

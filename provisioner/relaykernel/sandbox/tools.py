@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..errors import LOCAL, HopError
+from ..common.errors import LOCAL, HopError
 
 # Debian/Ubuntu package that ships each program.
 _PACKAGES = {

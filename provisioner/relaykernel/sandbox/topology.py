@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import RELAY, VM
+from ..common.errors import RELAY, VM
 from .keys import KeyPair, SshHost, authorized_key_line, generate_keypairs, write_lines, write_ssh_config
 from .ports import LOOPBACK, free_loopback_ports
 from .processes import descendants, terminate_all

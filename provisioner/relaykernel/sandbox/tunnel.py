@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import RELAY, ConnectError, ForwardRefused
+from ..common.errors import RELAY, ConnectError, ForwardRefused
 from .ports import LOOPBACK, wait_for_ssh_banner
 from .processes import log_tail, stop_process_tree
 from .tools import find_tool

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import paramiko
 
-from ..errors import AuthError, LinkDown
+from ..common.errors import AuthError, LinkDown
 
 if TYPE_CHECKING:
     from .chain import ChainPolicy

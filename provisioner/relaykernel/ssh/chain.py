@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import paramiko
 from paramiko import ProxyCommand
 
-from ..errors import RELAY, VM, ConnectError, ForwardRefused, HopError, LinkDown
+from ..common.errors import RELAY, VM, ConnectError, ForwardRefused, HopError, LinkDown
 from .auth import authenticate
 from .config import HopSettings
 from .hostkeys import KnownHosts, fingerprint

@@ -17,8 +17,8 @@ from typing import Any
 
 import paramiko
 
-from ..errors import ConfigError
-from .destination import Destination
+from ..common.destination import Destination
+from ..common.errors import ConfigError
 
 OPENSSH_TIMEOUT_SECONDS = 5.0
 Dump = dict[str, list[str]]  # what `ssh -G` prints: lowercase keyword -> its values in order

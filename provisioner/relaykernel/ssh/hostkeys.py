@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from ..errors import ChangedHostKey, RevokedHostKey, UnknownHostKey
+from ..common.errors import ChangedHostKey, RevokedHostKey, UnknownHostKey
 
 log = logging.getLogger(__name__)
 

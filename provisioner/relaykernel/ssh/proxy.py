@@ -18,7 +18,7 @@ import time
 
 import paramiko
 
-from ..errors import RELAY, ConnectError
+from ..common.errors import RELAY, ConnectError
 from ..pids import pid_alive
 
 _SHELL = "/bin/sh"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import RelayKernelError
+from ..common.errors import RelayKernelError
 from .ignore import IgnoreRules, LocalFile
 from .remote import RemoteTree
 from .watcher import BatchWatcher

@@ -7,7 +7,7 @@ import logging
 import threading
 from pathlib import Path, PurePosixPath
 
-from ..errors import RelayKernelError
+from ..common.errors import RelayKernelError
 from ..options import RelayOptions
 from ..ssh.chain import SSHChain
 from .engine import WorkdirSync

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from paramiko import SSHException
 
-from ..errors import VM, LinkDown
+from ..common.errors import VM, LinkDown
 from ..ssh.chain import SSHChain
 from ..vm.supervisor import BOOTSTRAP
 from ..vm.sync_receiver import MTIME_NS_HEADER

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import VM, VMSetupError
-from ..ssh.destination import Destination
+from ..common.destination import Destination
+from ..common.errors import VM, VMSetupError
 from .checkpoint import DEFAULT_PATTERNS, Checkpointer, save_settings
 from .checkpoint_schedule import CheckpointSchedule
 from .keys import KeyPair, stable_key

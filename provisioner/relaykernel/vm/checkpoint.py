@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import VM, CheckpointError
+from ..common.errors import VM, CheckpointError
 
 TEMP_SUFFIX = ".rk-tmp"
 DEFAULT_PATTERNS = ("outputs/**", "checkpoints/**")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import CheckpointError
+from ..common.errors import CheckpointError
 from .checkpoint import Checkpointer
 
 

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import VM, VMSetupError
+from ..common.errors import VM, VMSetupError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import VM, VMSetupError
+from ..common.errors import VM, VMSetupError
 from .keys import KeyPair
 
 LOOPBACK = "127.0.0.1"

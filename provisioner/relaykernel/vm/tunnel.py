@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..ssh.destination import Destination
+from ..common.destination import Destination
 from .sshd import LOOPBACK
 
 UP, STARTING, DOWN, REFUSED, STOPPED = "up", "starting", "down", "refused", "stopped"
