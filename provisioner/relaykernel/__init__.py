@@ -1,3 +1,5 @@
 """relaykernel: Jupyter kernels on a relayed notebook VM, reached over SSH."""
 
-__version__ = "0.1.0"
+from .common.version import __version__
+
+__all__ = ["__version__"]

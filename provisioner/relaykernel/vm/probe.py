@@ -1,0 +1,58 @@
+"""What doctor asks the VM: this Python, its ipykernel, the work dir's writability and the cell's version.
+
+Sent as a program (``relaykernel.bundle.vm_program``); reads one JSON line {"workdir": PATH} from stdin and
+answers one JSON line {"python", "ipykernel", "workdir", "workdir_error", "cell"}; exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+from ..common.version import cell_info, read_cell_info
+
+
+def ipykernel_version() -> str | None:
+    """ipykernel's version as this Python would import it, or None when it is missing."""
+    try:
+        import ipykernel
+    except ImportError:
+        return None
+    return str(getattr(ipykernel, "__version__", "unknown"))
+
+
+def workdir_error(workdir: str) -> str | None:
+    """None when WORKDIR exists (or can be made) and a file can be written there, else why not."""
+    path = os.path.expanduser(workdir)
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        return f"{path}: {error.strerror or error}"
+    return None
+
+
+def report(workdir: str) -> dict:
+    return {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "ipykernel": ipykernel_version(),
+        "workdir": os.path.abspath(os.path.expanduser(workdir)),
+        "workdir_error": workdir_error(workdir),
+        "cell": read_cell_info(),
+        "program": cell_info(),
+    }
+
+
+def main() -> int:
+    line = sys.stdin.buffer.readline(65536)
+    try:
+        request = json.loads(line or b"{}")
+    except ValueError:
+        request = {}
+    workdir = request.get("workdir") if isinstance(request, dict) else None
+    sys.stdout.write(json.dumps(report(workdir if isinstance(workdir, str) else "~")) + "\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,104 @@
+"""The VM side as it travels: one program that runs in a bare interpreter (``python3 -I -S``), Python 3.8 or newer."""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from relaykernel import __version__
+from relaykernel.bundle import cell_payload, check_syntax, importer_program, vm_modules, vm_program
+from relaykernel.common.errors import ConfigError
+from relaykernel.common.protocol import BOOTSTRAP, PROTOCOL_VERSION
+from relaykernel.common.version import version_mismatch
+
+RUN_TIMEOUT_SECONDS = 60
+
+
+def pythons() -> list[str]:
+    """This interpreter, and the oldest the VM side claims (3.8) where pyenv or the system has one."""
+    oldest = glob.glob("/usr/bin/python3.8") + glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8"))
+    return [sys.executable, *oldest[:1]]
+
+
+def run_bootstrapped(python: str, program: bytes, stdin: bytes, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``python -I -S -c BOOTSTRAP`` fed like an SSH exec channel, in an empty directory with an empty HOME."""
+    env = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run([python, "-I", "-S", "-c", BOOTSTRAP], input=b"%d\n" % len(program) + program + stdin,
+                          capture_output=True, cwd=tmp_path, env=env, timeout=RUN_TIMEOUT_SECONDS, check=False)
+
+
+def test_the_bundle_carries_every_vm_and_common_module_and_no_other() -> None:
+    names = {module.name for module in vm_modules()}
+    package = Path(__file__).parent.parent / "provisioner" / "relaykernel"
+    on_disk = {
+        "relaykernel." + str(path.relative_to(package).with_suffix("")).replace("/", ".").removesuffix(".__init__")
+        for side in ("vm", "common") for path in (package / side).rglob("*.py")
+    }
+    assert names == on_disk | {"relaykernel"}
+    root = next(module for module in vm_modules() if module.name == "relaykernel")
+    assert "__version__" not in root.source  # never the laptop's __init__
+
+
+def test_every_bundled_module_is_python_38_syntax() -> None:
+    assert "relaykernel.vm.probe" in check_syntax((3, 8))
+
+
+@pytest.mark.parametrize("python", pythons())
+def test_program_runs_in_a_bare_interpreter(python: str, tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    result = run_bootstrapped(python, vm_program("relaykernel.vm.probe"),
+                              json.dumps({"workdir": str(tmp_path / "work")}).encode() + b"\n", tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert report["workdir_error"] is None and report["cell"] is None
+    assert report["program"] == {"relaykernel": __version__, "protocol": PROTOCOL_VERSION}
+    expected = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True,
+                              text=True, check=True, timeout=RUN_TIMEOUT_SECONDS).stdout.strip()
+    assert report["python"] == expected
+
+
+def test_tracebacks_show_the_real_module_and_line(tmp_path: Path) -> None:
+    program = importer_program() + (
+        b"from relaykernel.common.destination import Destination\n"
+        b"try:\n    Destination.parse('')\nexcept Exception:\n    traceback.print_exc()\n"
+        b"import relaykernel.ssh\n"
+    )
+    result = run_bootstrapped(sys.executable, program, b"", tmp_path)
+    stderr = result.stderr.decode()
+    assert 'File "relaykernel/common/destination.py", line' in stderr
+    assert 'raise ConfigError(f"empty SSH destination' in stderr
+    assert "relaykernel.ssh is not part of the VM side of relaykernel" in stderr and result.returncode == 1
+
+
+def test_an_unknown_entry_is_refused_on_the_laptop() -> None:
+    with pytest.raises(ConfigError, match="not a module of the VM side"):
+        vm_program("relaykernel.ssh.chain")
+
+
+def test_cell_payload_is_one_checked_line_that_installs_the_importer(tmp_path: Path) -> None:
+    payload = cell_payload()
+    program = zlib.decompress(base64.b64decode(payload.line))
+    assert "\n" not in payload.line and hashlib.sha256(program).hexdigest() == payload.sha256
+    check = program + b"from relaykernel.vm.platforms import PLATFORMS\nprint(sorted(PLATFORMS))\n"
+    result = run_bootstrapped(sys.executable, check, b"", tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "colab" in result.stdout.decode()
+
+
+def test_version_mismatch_names_both_versions_and_the_fix() -> None:
+    assert version_mismatch("0.3.0", {"relaykernel": "0.3.0", "protocol": PROTOCOL_VERSION}) is None
+    assert version_mismatch("0.3.0", None) is None
+    older_vm = version_mismatch("0.3.0", {"relaykernel": "0.1.0", "protocol": PROTOCOL_VERSION - 1})
+    assert older_vm is not None and "\n" not in older_vm
+    assert "0.1.0" in older_vm and "0.3.0" in older_vm and "rerun the cell" in older_vm
+    newer_vm = version_mismatch("0.1.0", {"relaykernel": "0.3.0", "protocol": PROTOCOL_VERSION + 1})
+    assert newer_vm is not None and "update relaykernel on the laptop to 0.3.0" in newer_vm
