@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from relaykernel.common.destination import Destination
 from relaykernel.common.errors import ConnectError
 from relaykernel.sandbox.sshd import SshdServer
 from relaykernel.sandbox.topology import LoopbackSandbox, SandboxInfo
@@ -68,9 +69,29 @@ def test_openssh_reaches_the_vm_as_its_user_through_the_relay(topology: SandboxI
     assert python_major == "3"
 
 
-def test_the_sandbox_names_both_hops_as_destinations(topology: SandboxInfo) -> None:
-    assert topology.relay == f"{topology.relay_user}@127.0.0.1:{topology.relay_port}"
-    assert topology.vm == f"{topology.vm_user}@127.0.0.1:{topology.forward_port}"
+def ssh_to(info: SandboxInfo, destination: str, proxy: list[str] | None = None) -> list[str]:
+    """OpenSSH to ``destination`` as written (no ssh config): only the topology's key and known_hosts."""
+    hop = Destination.parse(destination)
+    argv = ["ssh", "-F", "/dev/null", *STRICT, "-o", "IdentitiesOnly=yes", "-i", info.identity_file]
+    argv += ["-o", f"UserKnownHostsFile={info.known_hosts_file}", "-p", str(hop.port), "-l", str(hop.user)]
+    if proxy is not None:
+        argv += ["-o", f"ProxyCommand={shlex.join([*proxy, '-W', '%h:%p'])}"]
+    return [*argv, hop.host]
+
+
+def test_the_sandbox_destinations_lead_to_each_hop_as_its_user(topology: SandboxInfo) -> None:
+    """Follow the destination strings themselves: the relay's answers as the relay user, the VM's (jumping through
+    the relay's) answers as the VM user from the VM's sshd; neither is taken from the harness's ssh config."""
+    relay = ssh_to(topology, topology.relay)
+    on_relay = subprocess.run([*relay, "id -un"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+    assert (on_relay.returncode, on_relay.stdout.strip()) == (0, topology.relay_user), on_relay.stderr
+    vm = ssh_to(topology, topology.vm, proxy=relay)
+    on_vm = subprocess.run([*vm, "id -un; echo $SSH_CONNECTION"], capture_output=True, text=True, timeout=20,
+                           stdin=subprocess.DEVNULL)
+    assert on_vm.returncode == 0, on_vm.stderr
+    user, connection = on_vm.stdout.splitlines()
+    assert user == topology.vm_user
+    assert connection.split()[-1] == str(topology.vm_sshd_port), "not served by the VM's sshd"
     assert topology.vm_run(["id", "-un"]).stdout.strip() == topology.vm_user
 
 
