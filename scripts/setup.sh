@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need on Debian/Ubuntu: OpenSSH (client and server binaries), socat,
-# iproute2, Debian's python3 with ipykernel (the test VM's python), and .venv with relaykernel + test tools.
+# iproute2, nftables (fault tests drop one connection's packets), Debian's python3 with ipykernel (the test VM's
+# python), and .venv with relaykernel + test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openssh-server openssh-client socat iproute2 procps rsync python3-venv python3-ipykernel)
+packages=(openssh-server openssh-client socat iproute2 procps rsync nftables python3-venv python3-ipykernel)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -69,6 +69,7 @@ class NetnsTopology(LoopbackSandbox):
         super().__init__(keep=keep, startup_timeout_seconds=startup_timeout_seconds)
         self.netns = f"rk-{secrets.token_hex(4)}"
         self.leftover_processes: list[str] = []
+        self.bridge: subprocess.Popen[bytes] | None = None  # socat: its children carry the VM tunnel's connections
 
     @property
     def relay_user(self) -> str:
@@ -131,7 +132,7 @@ class NetnsTopology(LoopbackSandbox):
         listen = f"UNIX-LISTEN:{socket_path},fork,mode=0666"
         argv = [find_tool("socat"), listen, f"TCP:127.0.0.1:{self.relay_sshd.port},nodelay"]
         with open(self.state_dir / "relay/socat.log", "ab") as log:
-            bridge = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.bridge = bridge = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self._stops.append(lambda: stop_process_tree(bridge))
         if not _wait_for_path(socket_path, bridge):
             raise RuntimeError(f"socat did not create {socket_path}; see {self.state_dir}/relay/socat.log")
