@@ -74,7 +74,7 @@ def _vm_checks(chain: SSHChain, options: RelayOptions) -> Iterator[Check]:
         return
     version, ipykernel = (out.split() + ["?", "?"])[:2]
     yield Check("remote python + ipykernel", True, f"{python}: Python {version}, ipykernel {ipykernel}")
-    workdir = shlex.quote(options.remote_workdir)
+    workdir = shlex.quote(options.kernel_workdir(None))
     status, out, err = _run(chain, f"{python} -c {shlex.quote(_WORKDIR_CHECK)} {workdir}", options)
     if status != 0:
         yield Check("remote work dir writable", False, _last_line(err), "choose another --remote-workdir")

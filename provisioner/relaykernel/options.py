@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -62,8 +63,15 @@ class RelayOptions(LoggingConfigurable):
     ).tag(config=True)
 
     remote_workdir = Unicode(
+        "",
+        help="Directory on the VM the kernel runs in; created if missing. '~' is the VM user's home. Empty: one "
+        "folder per local project under remote_workdir_base, named after the synced folder plus a short hash of its "
+        "path, so two projects never share files.",
+    ).tag(config=True)
+
+    remote_workdir_base = Unicode(
         "~/relaykernel",
-        help="Directory on the VM the kernel runs in; created if missing. '~' is the VM user's home.",
+        help="Where the per-project work dirs are made on the VM when remote_workdir is empty.",
     ).tag(config=True)
 
     kernel_module = Unicode(
@@ -122,13 +130,20 @@ class RelayOptions(LoggingConfigurable):
     sync_ignore = List(
         Unicode(),
         help="gitignore patterns kept local, on top of the tree's .gitignore files and the defaults (.git/, "
-        "__pycache__/, .ipynb_checkpoints/, .venv/).",
+        "__pycache__/, .ipynb_checkpoints/, .venv/, node_modules/, .tox/, .nox/, .mypy_cache/, .pytest_cache/, "
+        ".ruff_cache/, and any folder holding pyvenv.cfg or conda-meta/); '!PATTERN' syncs a default-ignored one.",
     ).tag(config=True)
 
     sync_max_file_size_mb = Float(100.0, help="Files larger than this stay local.").tag(config=True)
 
     sync_max_files = Int(
         20000, help="A larger tree is not synced at all (a notebook opened in your home folder, say); the log says so."
+    ).tag(config=True)
+
+    sync_initial_budget_mb = Float(
+        200.0,
+        help="The first sync sends nothing when more than this much would go to the VM; the log names the biggest "
+        "folders and the fix (sync_ignore, or a larger budget).",
     ).tag(config=True)
 
     sync_max_delete_count = Int(
@@ -203,7 +218,8 @@ class RelayOptions(LoggingConfigurable):
     def _check_lease(self, proposal: dict[str, Any]) -> float:
         return _at_least("lease_seconds", proposal["value"], 1.0)
 
-    @validate("sync_max_file_size_mb", "sync_rescan_seconds", "sync_pull_seconds", "heartbeat_seconds",
+    @validate("sync_max_file_size_mb", "sync_initial_budget_mb",
+              "sync_rescan_seconds", "sync_pull_seconds", "heartbeat_seconds",
               "checkpoint_interval_seconds")
     def _check_sync_amounts(self, proposal: dict[str, Any]) -> float:
         return _at_least(proposal["trait"].name, proposal["value"], 0.001)
@@ -242,6 +258,21 @@ class RelayOptions(LoggingConfigurable):
         if chosen.lower() == "none":
             return None
         return Path(os.path.expanduser(chosen)).resolve()
+
+    def kernel_workdir(self, local_dir: Path | None) -> str:
+        """The kernel's work dir on the VM for this synced local folder: remote_workdir, else one per project.
+
+        The same folder the kernel is launched in and the sync mirrors into: NAME-HASH under remote_workdir_base,
+        NAME readable (the folder's name), HASH the first 8 hex digits of the sha256 of its absolute path.
+        """
+        if self.remote_workdir.strip():
+            return self.remote_workdir
+        base = self.remote_workdir_base.rstrip("/") or "~"
+        if local_dir is None:
+            return base
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", local_dir.name).strip("-.")[:40] or "project"
+        digest = hashlib.sha256(str(local_dir.resolve()).encode()).hexdigest()[:8]
+        return f"{base}/{name}-{digest}"
 
     def python_argv(self) -> list[str]:
         """The remote python command as words."""

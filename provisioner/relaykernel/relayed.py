@@ -162,7 +162,7 @@ class RelayedKernel:
             "signature_scheme": signature_scheme,
             "python_argv": self.options.python_argv(),
             "kernel_module": self.options.kernel_module,
-            "workdir": self.options.remote_workdir,
+            "workdir": self.options.kernel_workdir(self.sync_dir),
             "lease_seconds": self.options.lease_seconds,
             "env": dict(self.options.remote_env),
             "ports_timeout_seconds": self.options.launch_timeout_seconds,

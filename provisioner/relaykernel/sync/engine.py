@@ -12,20 +12,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common.errors import RelayKernelError
+from .guard import guarded
 from .ignore import IgnoreRules, LocalFile
-from .remote import RemoteTree
+from .plan import batches, find_moves, plan_initial, source_for
+from .remote import Batch, RemoteTree
 from .watcher import BatchWatcher
 
 log = logging.getLogger(__name__)
-_BATCH_BYTES = 64 << 20
+Progress = Callable[[int, int, int], None]  # (files written, files to write, bytes sent)
 
 
 @dataclass
 class SyncReport:
-    """What one pass did: files written and deleted on the VM, bytes sent, and what it would not do."""
+    """What one pass did: files written, moved and deleted on the VM, bytes sent, and what it would not do."""
 
     written: int = 0
+    moved: int = 0
     deleted: int = 0
+    adopted: int = 0
     sent_bytes: int = 0
     refused_deletes: list[str] = field(default_factory=list)
     deferred: list[str] = field(default_factory=list)
@@ -41,12 +45,14 @@ class WorkdirSync:
                  max_delete_share: float = 0.5, rescan_seconds: float = 30.0, settle_seconds: float = 0.05) -> None:
         self.local_root = local_root
         self.remote = remote
+        self.remote.source = remote.source or source_for(local_root)
         self.rules = rules
         self.max_delete_count = max_delete_count
         self.max_delete_share = max_delete_share
         self.rescan_seconds = rescan_seconds
         self.settle_seconds = settle_seconds
         self.synced: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) the VM has from us
+        self.hashes: dict[str, str] = {}  # path -> sha256 of what the VM has from us
         self._retry: set[str] = set()
         self._conflicts: dict[str, tuple[int, int]] = {}  # path -> the VM's state already kept beside it
         self._lock = threading.Lock()
@@ -54,14 +60,22 @@ class WorkdirSync:
         self._stopping = threading.Event()
         self._rescanner = threading.Thread(target=self._rescan_loop, name="relaykernel-sync-rescan", daemon=True)
 
-    def initial(self, progress: Callable[[int, int, int], None] | None = None) -> SyncReport:
-        """Send every file whose size or mtime differs on the VM; delete nothing there (it may be output)."""
+    def initial(self, progress: Progress | None = None) -> SyncReport:
+        """Send what differs (by content where size and mtime cannot be trusted); apply deletes made while away.
+
+        Files that exist only on the VM are left alone (they may be output); a file this folder sent and then deleted
+        here is deleted there, unless the VM changed it since: then it comes back beside its old name.
+        """
         with self._lock:
             remote = self.remote.listing()
             local = {file.path: file for file in self.rules.walk()}
-            self.synced = {path: remote[path] for path in local if path in remote}
-            todo = [file for path, file in sorted(local.items()) if remote.get(path) != (file.size, file.mtime_ns)]
-            return self._push(todo, [], progress, defer_fresh=False)  # asked for now: send what is there
+            plan = plan_initial(self.local_root, local, remote, self.remote.hashes)
+            self.synced, self.hashes = plan.synced, plan.hashes
+            self.synced.update((path, remote.files[path]) for path in plan.deletes)
+            report = self._push(plan.send, plan.deletes, progress, defer_fresh=False, adopt=plan.adopt)
+            if plan.conflicts:
+                self._bring_back(plan.conflicts, remote.files, report)
+            return report
 
     def sync_paths(self, paths: Iterable[str]) -> SyncReport:
         """Bring these paths (changed, created, deleted or moved, files or directories) up to date on the VM.
@@ -89,7 +103,7 @@ class WorkdirSync:
         if not prefixes:
             return report
         with self._lock:
-            remote = self.remote.listing()
+            remote = self.remote.listing(under=[prefix.rstrip("/") for prefix in prefixes]).files
             targets: dict[str, str] = {}
             for path, state in sorted(remote.items()):
                 fresh = self.synced.get(path) != state and self._conflicts.get(path) != state
@@ -102,21 +116,28 @@ class WorkdirSync:
                         report.conflicts.append(path)
                     else:
                         targets[path] = path
-            if not targets:
-                return report
-            try:
-                fetched = self.remote.fetch(self.local_root, targets)
-            except RelayKernelError as error:
-                report.errors.append(str(error))
-                return report
-            for file in fetched:
-                self.synced[file.path] = (file.size, file.mtime_ns)  # so the watcher does not send it back
-            for path in report.conflicts:
-                self._conflicts[path] = remote[path]  # kept beside once; a later change on the VM comes again
-            report.fetched = len(fetched)
-        for path in report.conflicts:
-            log.warning("sync: %s changed both here and on the VM; the VM's copy is %s", path, _beside(path))
+            self._fetch(targets, remote, report)
         return report
+
+    def _bring_back(self, paths: list[str], remote: dict[str, tuple[int, int]], report: SyncReport) -> None:
+        self._fetch({path: _beside(path) for path in paths}, remote, report)
+        report.conflicts += paths
+
+    def _fetch(self, targets: dict[str, str], remote: dict[str, tuple[int, int]], report: SyncReport) -> None:
+        if not targets:
+            return
+        try:
+            fetched = self.remote.fetch(self.local_root, targets)
+        except RelayKernelError as error:
+            report.errors.append(str(error))
+            return
+        kept_beside = {path for path, target in targets.items() if target != path}
+        for file in fetched:
+            self.synced[file.path] = (file.size, file.mtime_ns)  # so the watcher does not send it back
+        for path in kept_beside:
+            self._conflicts[path] = remote[path]  # kept beside once; a later change on the VM comes again
+            log.warning("sync: %s changed both here and on the VM; the VM's copy is %s", path, _beside(path))
+        report.fetched += len(fetched)
 
     def _edited_here(self, path: str, local: tuple[int, int], remote: tuple[int, int]) -> bool:
         """Changed locally since the last sync, or (never synced) newer here than on the VM."""
@@ -137,14 +158,18 @@ class WorkdirSync:
             self._rescanner.join()
 
     def _on_batch(self, paths: set[str]) -> None:
-        report = self.sync_paths(paths)
+        try:
+            report = self.sync_paths(paths)
+        except BaseException:
+            self._retry.update(paths)  # an unexpected failure: these paths go with the next batch
+            raise
         self._report(report)
         if report.deferred and self._watcher is not None:
             self._watcher.requeue(set(report.deferred))
 
     def _rescan_loop(self) -> None:
         while not self._stopping.wait(self.rescan_seconds):
-            self._report(self.rescan())
+            guarded("sync rescan", lambda: self._report(self.rescan()), self._stopping)
 
     def _changes(self, paths: set[str]) -> tuple[list[LocalFile], list[str]]:
         self.rules.forget(os.path.dirname(path) for path in paths if os.path.basename(path) == ".gitignore")
@@ -168,39 +193,68 @@ class WorkdirSync:
                 files[path] = LocalFile(path, info.st_size, info.st_mtime_ns, info.st_mode & 0o777)
         return list(files.values()), sorted(deletes - set(files))
 
-    def _push(self, files: Sequence[LocalFile], deletes: Sequence[str],
-              progress: Callable[[int, int, int], None] | None = None, *, defer_fresh: bool = True) -> SyncReport:
+    def _push(self, files: Sequence[LocalFile], deletes: Sequence[str], progress: Progress | None = None, *,
+              defer_fresh: bool = True, adopt: dict[str, tuple[int, str]] | None = None) -> SyncReport:
         report = SyncReport()
         deletes = self._guard(list(deletes), report)
         newest_settled = time.time_ns() - int(self.settle_seconds * 1e9) if defer_fresh else time.time_ns() * 2
         report.deferred = [file.path for file in files if file.mtime_ns > newest_settled]
         self._retry.update(report.deferred)
         files = [file for file in files if file.mtime_ns <= newest_settled]
-        batches = list(_batches(files)) or ([[]] if deletes else [])
-        for index, batch in enumerate(batches):
+        moves = find_moves(self.local_root, files, deletes, self.synced, self.hashes)
+        moved_to, moved_from = {new for _, new in moves}, {old for old, _ in moves}
+        files = [file for file in files if file.path not in moved_to]
+        deletes = [path for path in deletes if path not in moved_from]
+        parts = list(batches(files)) or ([[]] if deletes or moves or adopt else [])
+        for index, part in enumerate(parts):
             if self._stopping.is_set():  # stop() during a long pass: end at a batch boundary
                 break
-            self._send(batch, deletes if index == len(batches) - 1 else [], report)  # deletes go last
-            if progress:
-                progress(report.written, len(files), report.sent_bytes)
+            last = index == len(parts) - 1
+            batch = Batch(part, deletes if last else (), moves if index == 0 else (),
+                          (adopt or {}) if index == 0 else {})
+            self._send(batch, report, len(files), progress)  # moves first, deletes last
         return report
 
-    def _send(self, files: Sequence[LocalFile], deletes: Sequence[str], report: SyncReport) -> None:
+    def _send(self, batch: Batch, report: SyncReport, total: int, progress: Progress | None) -> None:
+        def sent(count: int) -> None:
+            report.sent_bytes += count
+            if progress:
+                progress(report.written, total, report.sent_bytes)
+
         try:
-            result = self.remote.apply(self.local_root, files, deletes)
+            result = self.remote.apply(self.local_root, batch, sent)
         except RelayKernelError as error:
-            self._retry.update(file.path for file in files)
-            self._retry.update(deletes)
+            self._retry.update(file.path for file in batch.files)
+            self._retry.update([*batch.deletes, *(new for _, new in batch.moves), *(old for old, _ in batch.moves)])
             report.errors.append(str(error))
             return
+        self._record(batch, result, report)
+        if progress:
+            progress(report.written, total, report.sent_bytes)
+        missing = set(result.get("missing", []))
+        if missing:  # a move whose source was gone on the VM: send the file itself
+            again = [f for f in self.rules.walk() if f.path in missing]
+            self._send(Batch(again), report, total, progress)
+
+    def _record(self, batch: Batch, result: dict, report: SyncReport) -> None:
         report.written += int(result.get("written", 0))
+        report.moved += int(result.get("moved", 0))
         report.deleted += int(result.get("deleted", 0))
-        report.sent_bytes += sum(file.size for file in files)
+        report.adopted += len(batch.adopt)
         report.errors += list(result.get("errors", []))
-        for file in files:
+        hashes = result.get("hashes", {})
+        for file in batch.files:
             self.synced[file.path] = (file.size, file.mtime_ns)
-        for path in deletes:
+            if file.path in hashes:
+                self.hashes[file.path] = hashes[file.path]
+        missing = set(result.get("missing", []))
+        for old, new in batch.moves:
+            state, sha = self.synced.pop(old, None), self.hashes.pop(old, None)
+            if new not in missing and state is not None and sha is not None:
+                self.synced[new], self.hashes[new] = state, sha
+        for path in batch.deletes:
             self.synced.pop(path, None)
+            self.hashes.pop(path, None)
 
     def _guard(self, deletes: list[str], report: SyncReport) -> list[str]:
         """Refuse a deletion of many files at once (a checkout, a mistaken rm -r); the VM keeps them."""
@@ -241,15 +295,3 @@ def _beside(path: str) -> str:
     if not dot or "/" in suffix:
         return f"{path} (from VM)"
     return f"{stem} (from VM).{suffix}"
-
-
-def _batches(files: Sequence[LocalFile]) -> Iterable[Sequence[LocalFile]]:
-    """Consecutive runs of files of at most _BATCH_BYTES (a bigger file is a batch of its own)."""
-    start, size = 0, 0
-    for index, file in enumerate(files):
-        if index > start and size + file.size > _BATCH_BYTES:
-            yield files[start:index]
-            start, size = index, 0
-        size += file.size
-    if start < len(files):
-        yield files[start:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pathspec
 
-DEFAULT_IGNORES = (".git/", "__pycache__/", ".ipynb_checkpoints/", ".venv/", "*.rk-tmp")
+log = logging.getLogger(__name__)
+DEFAULT_IGNORES = (".git/", "__pycache__/", ".ipynb_checkpoints/", ".venv/", "node_modules/", ".tox/", ".nox/",
+                   ".mypy_cache/", ".pytest_cache/", ".ruff_cache/", "*.rk-tmp")
+ENVIRONMENT_MARKERS = ("pyvenv.cfg", "conda-meta")  # a folder holding one is an environment, not project files
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,8 @@ class IgnoreRules:
     def __init__(self, root: Path, *, extra_patterns: Sequence[str] = (), max_file_size_bytes: int = 0) -> None:
         self.root = root
         self.max_file_size_bytes = max_file_size_bytes
-        self._base = pathspec.GitIgnoreSpec.from_lines([*DEFAULT_IGNORES, *extra_patterns])
+        self._base = _spec([*DEFAULT_IGNORES, *extra_patterns], "sync_ignore")
+        self._extra = _spec(extra_patterns, "sync_ignore")
         self._specs: dict[str, pathspec.GitIgnoreSpec | None] = {}
 
     def ignored(self, path: str, *, is_dir: bool = False) -> bool:
@@ -36,6 +41,12 @@ class IgnoreRules:
         parts = path.split("/")
         return any(self._own_decision("/".join(parts[: i + 1]), is_dir or i < len(parts) - 1)
                    for i in range(len(parts)))
+
+    def environment(self, directory: str) -> bool:
+        """A virtualenv or conda environment (pyvenv.cfg or conda-meta/ inside), unless sync_ignore re-includes it."""
+        if not any(os.path.lexists(self.root / directory / marker) for marker in ENVIRONMENT_MARKERS):
+            return False
+        return self._extra.check_file(directory + "/").include is not False
 
     def too_big(self, size: int) -> bool:
         return bool(self.max_file_size_bytes) and size > self.max_file_size_bytes
@@ -67,7 +78,7 @@ class IgnoreRules:
     def _own_decision(self, path: str, is_dir: bool) -> bool:
         """Ignored by the rules that apply at its own level (its parents are the caller's business)."""
         candidate = path + "/" if is_dir else path
-        decision = self._base.check_file(candidate).include
+        decision = self._base.check_file(candidate).include or (is_dir and self.environment(path))
         parts = path.split("/")
         for depth in range(len(parts)):
             directory = "/".join(parts[:depth])
@@ -86,5 +97,22 @@ class IgnoreRules:
             except OSError:
                 self._specs[directory] = None
             else:
-                self._specs[directory] = pathspec.GitIgnoreSpec.from_lines(lines)
+                self._specs[directory] = _spec(lines, str(self.root / directory / ".gitignore"))
         return self._specs[directory]
+
+
+def _spec(lines: Sequence[str], origin: str) -> pathspec.GitIgnoreSpec:
+    """The rules of these lines; a line git itself would not understand (``!``, a lone ``\\``) is skipped, and said."""
+    try:
+        return pathspec.GitIgnoreSpec.from_lines(lines)
+    except ValueError:
+        pass
+    good = []
+    for line in lines:
+        try:
+            pathspec.GitIgnoreSpec.from_lines([line])
+        except ValueError as error:
+            log.warning("sync: %s: skipping the pattern %r (%s)", origin, line, error)
+        else:
+            good.append(line)
+    return pathspec.GitIgnoreSpec.from_lines(good)

@@ -1,126 +1,223 @@
-"""The remote work dir as the sync sees it: list it, or apply a batch as one tar stream over one exec channel."""
+"""The remote work dir as the sync sees it: one persistent receiver on the VM, fed request after request."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import tarfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from paramiko import SSHException
 
 from ..common.errors import VM, LinkDown
+from ..common.protocol import BOOTSTRAP
 from ..ssh.chain import SSHChain
-from ..vm.supervisor import BOOTSTRAP
 from ..vm.sync_receiver import MTIME_NS_HEADER
 from .ignore import LocalFile
+from .pacing import AckPacer
+from .stream import FrameWriter, send_tar
 
 _READ_BYTES = 1 << 20
+PULL_WINDOW_BYTES = 256 << 10  # output pulls: a small window, so a big download never crowds out kernel replies
+_CUT = (OSError, EOFError, tarfile.TarError, SSHException, ValueError)
 
 
 def receiver_script() -> bytes:
     return resources.files("relaykernel.vm").joinpath("sync_receiver.py").read_bytes()
 
 
-class _ChannelWriter:
-    """The write side tarfile needs, on a paramiko channel."""
+@dataclass
+class RemoteListing:
+    """The VM's side of a pass: every file's (size, mtime_ns), and what this source wrote there (size, mtime, hash)."""
+
+    root: str
+    files: dict[str, tuple[int, int]]
+    manifest: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One apply: files to write, moves (old, new) to make, paths to delete, same-content files to adopt."""
+
+    files: Sequence[LocalFile] = ()
+    deletes: Sequence[str] = ()
+    moves: Sequence[tuple[str, str]] = ()
+    adopt: dict[str, tuple[int, str]] = field(default_factory=dict)  # path -> (mtime_ns, sha256)
+
+
+def start_receiver(chain: SSHChain, python_argv: Sequence[str], first_line: dict[str, Any], *,
+                   window_bytes: int | None = None, timeout_seconds: float) -> Any:
+    """The receiver running on the VM with ``first_line`` sent: the one place the sync starts a VM program."""
+    if not chain.is_active():
+        chain.connect()  # rebuilds only what a cut broke; raises a HopError while the VM stays away
+    transport = chain.vm_transport()
+    channel = (transport.open_session(window_size=window_bytes, timeout=timeout_seconds) if window_bytes
+               else chain.open_session())
+    channel.settimeout(timeout_seconds)
+    channel.exec_command(shlex.join([*python_argv, "-c", BOOTSTRAP]))
+    script = receiver_script()
+    channel.sendall(b"%d\n" % len(script) + script + json.dumps(first_line).encode() + b"\n")
+    return channel
+
+
+class _Lines:
+    """JSON lines from a channel; ``block=False`` returns None when no whole line has arrived yet."""
 
     def __init__(self, channel: Any) -> None:
-        self._channel = channel
+        self.channel = channel
+        self._buffer = bytearray()
 
-    def write(self, data: bytes) -> int:
-        self._channel.sendall(data)
-        return len(data)
+    def next(self) -> dict[str, Any]:
+        event = self.poll(block=True)
+        assert event is not None
+        return event
+
+    def poll(self, *, block: bool) -> dict[str, Any] | None:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                event: dict[str, Any] = json.loads(line)
+                return event
+            if not block and not self.channel.recv_ready():
+                return None
+            data = self.channel.recv(1 << 16)
+            if not data:
+                raise EOFError("the VM's sync receiver ended")
+            self._buffer += data
 
 
 class RemoteTree:
-    """One remote work dir, reached through the chain's VM connection (no new SSH connection per batch)."""
+    """One remote work dir, served by one receiver process per link (restarted after a cut)."""
 
-    def __init__(self, chain: SSHChain, *, python_argv: Sequence[str], root: str, timeout_seconds: float) -> None:
+    def __init__(self, chain: SSHChain, *, python_argv: Sequence[str], root: str, timeout_seconds: float,
+                 source: str = "") -> None:
         self.chain = chain
         self.python_argv = list(python_argv)
         self.root = root
+        self.source = source
         self.timeout_seconds = timeout_seconds
         self.absolute_root: str | None = None  # as the VM expanded root ("~" and symlinks), once listed
+        self.pacer = AckPacer()
+        self._channel: Any = None
+        self._lines: _Lines | None = None
+        self._lock = threading.Lock()
 
-    def listing(self) -> dict[str, tuple[int, int]]:
-        """path -> (size, mtime_ns) of every file in the remote work dir."""
-        event = self._exchange({"op": "list", "root": self.root}, payload=None)
+    def listing(self, under: Sequence[str] | None = None) -> RemoteListing:
+        """Every file (or those below ``under``) with its (size, mtime_ns), and this source's manifest."""
+        event = self._request({"op": "list", "under": list(under) if under is not None else None,
+                               "source": self.source}, "listing")
         self.absolute_root = str(event["root"])
-        return {path: (int(size), int(mtime)) for path, (size, mtime) in event["files"].items()}
+        return RemoteListing(
+            root=self.absolute_root,
+            files={path: (int(size), int(mtime)) for path, (size, mtime) in event["files"].items()},
+            manifest={path: (int(e[0]), int(e[1]), str(e[2])) for path, e in event.get("manifest", {}).items()},
+        )
 
-    def apply(self, local_root: Path, files: Sequence[LocalFile], deletes: Sequence[str]) -> dict[str, Any]:
-        """Write ``files`` (atomically, with their mtimes) and delete ``deletes``; the receiver's report."""
-        mtimes = {file.path: file.mtime_ns for file in files}
-        return self._exchange({"op": "apply", "root": self.root, "delete": list(deletes), "mtimes": mtimes},
-                              payload=(local_root, files))
+    def hashes(self, paths: Sequence[str]) -> dict[str, str]:
+        """sha256 of these files as the VM has them (a missing one is left out)."""
+        if not paths:
+            return {}
+        return dict(self._request({"op": "hash", "paths": list(paths)}, "hashing")["hashes"])
+
+    def apply(self, local_root: Path, batch: Batch,
+              on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Move, write (atomically, with their mtimes), adopt and delete; the receiver's report."""
+        request = {"op": "apply", "root": self.root, "source": self.source,
+                   "mtimes": {file.path: file.mtime_ns for file in batch.files},
+                   "moves": [list(move) for move in batch.moves],
+                   "delete": list(batch.deletes), "adopt": {p: list(v) for p, v in batch.adopt.items()}}
+        with self._lock:
+            channel, lines = self._session()
+            try:
+                channel.sendall(json.dumps(request).encode() + b"\n")
+                writer = FrameWriter(channel, self.pacer, lambda block: self._ack(lines, block=block), on_bytes)
+                hashes = send_tar(writer, local_root, batch.files)
+                channel.sendall(json.dumps({"hashes": hashes}).encode() + b"\n")
+                while (event := lines.next())["event"] == "ack":
+                    self.pacer.on_ack(int(event["bytes"]))
+                event["hashes"] = hashes
+                return event
+            except _CUT as error:
+                raise self._cut("syncing", error) from None
 
     def fetch(self, local_root: Path, targets: dict[str, str]) -> list[LocalFile]:
         """Copy remote paths to local ones (remote -> local relative path), each renamed into place whole."""
         fetched = []
-        with self._receiver({"op": "pack", "root": self.root, "paths": sorted(targets)}, "fetching outputs") as channel:
+        request = {"op": "pack", "root": self.root, "paths": sorted(targets)}
+        try:
+            channel = start_receiver(self.chain, self.python_argv, request, window_bytes=PULL_WINDOW_BYTES,
+                                     timeout_seconds=self.timeout_seconds)
+        except _CUT as error:
+            raise self._cut("fetching outputs", error, reset=False) from None
+        try:
             channel.shutdown_write()
             with tarfile.open(fileobj=channel.makefile("rb"), mode="r|") as archive:
                 for member in archive:
                     if member.isfile() and member.name in targets:
                         fetched.append(_receive(archive, member, local_root, targets[member.name]))
-        return fetched
-
-    def _exchange(self, request: dict[str, Any], payload: tuple[Path, Sequence[LocalFile]] | None) -> dict[str, Any]:
-        with self._receiver(request, "syncing") as channel:
-            if payload is not None:
-                _send_tar(channel, *payload)
-            channel.shutdown_write()
-            output = channel.makefile("rb").read()
-            status = channel.recv_exit_status()
-            stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()[-500:]
-        lines = output.decode(errors="replace").strip().splitlines()
-        if status != 0 or not lines:
-            raise LinkDown(VM, self.chain.vm_label, f"the VM's sync receiver failed (exit {status}): {stderr}",
-                           "check remote_python and the remote work dir")
-        event: dict[str, Any] = json.loads(lines[-1])
-        return event
-
-    @contextlib.contextmanager
-    def _receiver(self, request: dict[str, Any], doing: str) -> Iterator[Any]:
-        """The receiver started on the VM with ``request`` sent; any cut becomes LinkDown; always closed."""
-        if not self.chain.is_active():
-            self.chain.connect()  # rebuilds only what a cut broke; raises a HopError while the VM stays away
-        channel = self.chain.open_session()
-        try:
-            channel.settimeout(self.timeout_seconds)
-            channel.exec_command(shlex.join([*self.python_argv, "-c", BOOTSTRAP]))
-            script = receiver_script()
-            channel.sendall(b"%d\n" % len(script) + script + json.dumps(request).encode() + b"\n")
-            yield channel
-        except (OSError, EOFError, tarfile.TarError, SSHException) as error:
-            raise LinkDown(VM, self.chain.vm_label, f"{doing} ({self.root}) was cut: {error}",
-                           "it is retried at the next pass, once the link is back") from None
+        except _CUT as error:
+            raise self._cut("fetching outputs", error, reset=False) from None
         finally:
             channel.close()
+        return fetched
 
+    def close(self) -> None:
+        """End the receiver (it exits at the end of its input); safe to call twice."""
+        with self._lock:
+            self._reset()
 
-def _send_tar(channel: Any, local_root: Path, files: Sequence[LocalFile]) -> None:
-    """Stream each file as it is now, stamped with the mtime the batch recorded (the request carries it in ns).
-
-    A file that changed since it was scanned still goes whole; its newer mtime makes the next pass send it again.
-    """
-    writer = cast(Any, _ChannelWriter(channel))
-    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT, bufsize=_READ_BYTES) as archive:
-        for file in files:
+    def _request(self, request: dict[str, Any], doing: str) -> dict[str, Any]:
+        with self._lock:
+            channel, lines = self._session()
             try:
-                with open(local_root / file.path, "rb") as source:
-                    size = os.fstat(source.fileno()).st_size
-                    member = tarfile.TarInfo(file.path)
-                    member.size, member.mode, member.mtime = size, file.mode, file.mtime_ns // 10**9
-                    archive.addfile(member, _Exactly(source, size))
-            except FileNotFoundError:
-                continue  # deleted since the batch was made: its delete event follows
+                channel.sendall(json.dumps({**request, "root": self.root}).encode() + b"\n")
+                event = lines.next()
+            except _CUT as error:
+                raise self._cut(doing, error) from None
+        assert event is not None
+        if event.get("event") == "error":
+            raise self._cut(doing, RuntimeError(event.get("text")))
+        return event
+
+    def _session(self) -> tuple[Any, _Lines]:
+        if self._channel is not None and not self._channel.closed and self.chain.is_active():
+            assert self._lines is not None
+            return self._channel, self._lines
+        self._reset()
+        try:
+            first = {"op": "list", "root": self.root, "under": [], "source": self.source}  # answers when it is up
+            channel = start_receiver(self.chain, self.python_argv, first, timeout_seconds=self.timeout_seconds)
+            lines = _Lines(channel)
+            lines.next()
+        except _CUT as error:
+            raise self._cut("starting the VM's sync receiver", error) from None
+        self._channel, self._lines, self.pacer = channel, lines, AckPacer()
+        return channel, lines
+
+    def _ack(self, lines: _Lines, *, block: bool) -> None:
+        while (event := lines.poll(block=block)) is not None:
+            if event.get("event") == "ack":
+                self.pacer.on_ack(int(event["bytes"]))
+            block = False
+
+    def _cut(self, doing: str, error: BaseException, *, reset: bool = True) -> LinkDown:
+        if reset:
+            self._reset()
+        return LinkDown(VM, self.chain.vm_label, f"{doing} ({self.root}) was cut: {error}",
+                        "it is retried at the next pass, once the link is back")
+
+    def _reset(self) -> None:
+        channel, self._channel, self._lines = self._channel, None, None
+        if channel is not None:
+            channel.close()
 
 
 def _receive(archive: tarfile.TarFile, member: tarfile.TarInfo, local_root: Path, path: str) -> LocalFile:
@@ -138,18 +235,3 @@ def _receive(archive: tarfile.TarFile, member: tarfile.TarInfo, local_root: Path
     os.utime(staging, ns=(mtime_ns, mtime_ns))
     os.replace(staging, target)
     return LocalFile(path, member.size, mtime_ns, member.mode & 0o777)
-
-
-class _Exactly:
-    """Read exactly ``size`` bytes: a file that shrank meanwhile is padded, so the stream stays well-formed."""
-
-    def __init__(self, source: Any, size: int) -> None:
-        self._source = source
-        self._left = size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self._left if n < 0 else min(n, self._left)
-        data = self._source.read(n)
-        data += b"\0" * (n - len(data))
-        self._left -= n
-        return data

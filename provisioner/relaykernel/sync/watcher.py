@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from .guard import guarded
+
 
 class _Collector(FileSystemEventHandler):
     def __init__(self, root: Path, add: Callable[[str], None]) -> None:
@@ -18,8 +21,10 @@ class _Collector(FileSystemEventHandler):
         self._add = add
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
+        if event.event_type not in ("opened", "closed_no_write"):
+            guarded("collecting file events", lambda: self._collect(event), threading.Event(), 0.0)
+
+    def _collect(self, event: FileSystemEvent) -> None:
         for path in (event.src_path, getattr(event, "dest_path", "")):
             if path:
                 relative = os.path.relpath(os.fsdecode(path), self._root)
@@ -94,6 +99,6 @@ class BatchWatcher:
                     else:
                         batch = set()
                 if batch:
-                    self.on_batch(batch)
+                    guarded("syncing saved files", functools.partial(self.on_batch, batch), self._stopping)
                 else:
                     self._stopping.wait(max(0.01, due - now))

@@ -1,0 +1,85 @@
+"""How much upload may be in flight: the link's rate and base round trip, measured from the receiver's acks."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+FLOOR_BYTES = 64 << 10
+QUEUE_SECONDS = 0.05
+_RATE_WINDOW_SECONDS = 1.0
+_MIN_RTT_WINDOW_SECONDS = 10.0
+
+
+class AckPacer:
+    """Keep in flight about rate x (base round trip + queue_seconds), never below floor_bytes.
+
+    Everything the laptop sends the VM shares one SSH connection: bytes in flight beyond what the link carries in one
+    round trip only queue, ahead of the kernel's messages and the lease renewals. Each ack names the bytes the
+    receiver has read so far; the time from a frame's send to its ack gives the round trip (the smallest in the last
+    10 s is the base), and the bytes acked per elapsed time give the delivery rate (the largest in the last second).
+    """
+
+    def __init__(self, *, floor_bytes: int = FLOOR_BYTES, queue_seconds: float = QUEUE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.floor_bytes = floor_bytes
+        self.queue_seconds = queue_seconds
+        self._clock = clock
+        self.sent = 0
+        self.acked = 0
+        self._acked_at = clock()
+        self._flight: deque[tuple[int, float, int, float]] = deque()  # end offset, sent at, acked then, its time
+        self._rates: deque[tuple[float, float]] = deque()  # (at, bytes per second)
+        self._min_rtt: tuple[float, float] | None = None  # (seconds, measured at)
+
+    @property
+    def in_flight(self) -> int:
+        return self.sent - self.acked
+
+    @property
+    def base_rtt_seconds(self) -> float | None:
+        return None if self._min_rtt is None else self._min_rtt[0]
+
+    @property
+    def rate_bytes_per_second(self) -> float:
+        return max((rate for _, rate in self._rates), default=0.0)
+
+    def limit(self) -> int:
+        """Bytes that may be in flight now."""
+        rtt, rate = self.base_rtt_seconds, self.rate_bytes_per_second
+        if rtt is None or rate <= 0:
+            return self.floor_bytes
+        return max(self.floor_bytes, int(rate * (rtt + self.queue_seconds)))
+
+    def room(self) -> int:
+        return self.limit() - self.in_flight
+
+    def on_send(self, count: int) -> None:
+        now = self._clock()
+        if self.sent == self.acked:
+            self._acked_at = now  # idle until now: the next rate sample starts here, not at the last ack
+        self.sent += count
+        self._flight.append((self.sent, now, self.acked, self._acked_at))
+
+    def on_ack(self, total: int) -> None:
+        now = self._clock()
+        sample = None
+        while self._flight and self._flight[0][0] <= total:
+            sample = self._flight.popleft()
+        self.acked = max(self.acked, total)
+        self._acked_at = now
+        if sample is None:
+            return
+        _, sent_at, acked_then, acked_then_at = sample
+        rtt = now - sent_at
+        if self._min_rtt is None or rtt <= self._min_rtt[0] or now - self._min_rtt[1] > _MIN_RTT_WINDOW_SECONDS:
+            self._min_rtt = (rtt, now)
+        elapsed = max(now - acked_then_at, rtt, 1e-6)
+        self._rates.append((now, (total - acked_then) / elapsed))
+        while self._rates and now - self._rates[0][0] > _RATE_WINDOW_SECONDS and len(self._rates) > 1:
+            self._rates.popleft()
+
+    def frame_bytes(self) -> int:
+        """A frame size that gives several acks per round trip: a quarter of the limit, 16 KiB to 1 MiB."""
+        return min(1 << 20, max(16 << 10, self.limit() // 4))
