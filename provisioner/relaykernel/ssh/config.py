@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 import glob
 import os
-import pwd
 import re
 import shlex
 import shutil
@@ -71,8 +70,10 @@ class _Login:
 def _login() -> _Login:
     """The local account as OpenSSH sees it: its passwd entry, not $HOME."""
     try:
+        import pwd  # noqa: PLC0415 - POSIX only: the laptop side must import on Windows too
+
         entry = pwd.getpwuid(os.getuid())
-    except KeyError:
+    except (ImportError, KeyError):
         return _Login(getpass.getuser(), os.path.expanduser("~"))
     return _Login(entry.pw_name, entry.pw_dir)
 
