@@ -13,6 +13,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager
 
 from .common.errors import ConfigError
+from .logo import write_logos
 
 PROVISIONER_NAME = "relay-provisioner"
 _NAME = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
@@ -25,7 +26,9 @@ def launch_argv(python: str = sys.executable) -> list[str]:
     return [python, "-m", "relaykernel", "launch", "--spec", "{resource_dir}", "-f", "{connection_file}"]
 
 
-def build_kernel_json(*, display_name: str, config: dict[str, Any], python: str = sys.executable) -> dict[str, Any]:
+def build_kernel_json(
+    *, display_name: str, config: dict[str, Any], python: str = sys.executable, debugger: bool = True,
+) -> dict[str, Any]:
     """kernel.json for a remote Python kernel reached through the relay."""
     return {
         "argv": launch_argv(python),
@@ -34,7 +37,7 @@ def build_kernel_json(*, display_name: str, config: dict[str, Any], python: str 
         "interrupt_mode": "signal",
         "env": {},
         "metadata": {
-            "debugger": False,
+            "debugger": debugger,  # JupyterLab's debugger: ipykernel >= 6 with debugpy on the VM (doctor checks)
             "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config},
         },
     }
@@ -95,7 +98,13 @@ def install_kernelspec(
     _check_unique(manager, name, kernel_json["display_name"])
     with tempfile.TemporaryDirectory(prefix="relaykernel-spec-") as staging:
         Path(staging, "kernel.json").write_text(json.dumps(kernel_json, indent=2) + "\n")
-        return manager.install_kernel_spec(staging, kernel_name=name, user=user, prefix=prefix)
+        write_logos(staging)
+        try:
+            return manager.install_kernel_spec(staging, kernel_name=name, user=user, prefix=prefix)
+        except OSError as error:
+            where = error.filename or prefix or "the user's Jupyter data dir"
+            msg = f"cannot write the kernelspec to {where}: {error.strerror or error}; choose a writable --prefix"
+            raise ConfigError(msg) from None
 
 
 def load_kernel_json(resource_dir: str) -> dict[str, Any]:
