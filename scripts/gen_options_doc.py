@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from relaykernel.cli.options_args import BY_COMMAND, PROVISIONER
 from relaykernel.options import RelayOptions
 
 TARGET = Path(__file__).resolve().parent.parent / "docs" / "options.md"
@@ -15,17 +16,35 @@ HEADER = """\
 
 Generated from `relaykernel/options.py` by `scripts/gen_options_doc.py`; do not edit by hand.
 
-Set them in three places, the later winning:
+Every front (the provisioner that JupyterLab and nbclient run, `relaykernel launch` that VS Code runs, and the other
+subcommands) loads options the same way, each later source winning:
 
-- a Jupyter config file (`jupyter_server_config.py`, `jupyter_notebook_config.py`, …):
-  `c.RelayOptions.lease_seconds = 1200` (applies to every relay kernel);
-- the kernelspec's provisioner config (`relaykernel install` writes it):
-  `"metadata": {"kernel_provisioner": {"provisioner_name": "relay-provisioner", "config": {"host": "colab"}}}`;
-- the command line of `relaykernel launch` / `doctor` for the flags they list.
+1. `jupyter_relaykernel_config.py` (or `.json`) in any Jupyter config directory (`jupyter --paths`):
+   `c.RelayOptions.lease_seconds = 1200`;
+2. the `RelayOptions` section of the Jupyter server's config (`jupyter_server_config.py`, `jupyter_notebook_config.py`,
+   `jupyter_config.py`; inside the server, the server's own config including its command line);
+3. the kernelspec's provisioner config (`relaykernel install` writes it):
+   `"metadata": {"kernel_provisioner": {"provisioner_name": "relay-provisioner", "config": {"host": "colab"}}}`;
+4. command-line flags, generated from the options (`lease_seconds` is `--lease-seconds`): each subcommand offers the
+   ones in its column below, with their defaults in `--help`.
 
-| option | type | default | what it does |
-| --- | --- | --- | --- |
+An unknown name in any of these is an error that names the closest option; a value of the wrong type is an error
+that names the option and the type it takes. `relaykernel --debug COMMAND` prints every option that is not at its
+default and where it came from.
+
+"read by": **P** the provisioner (JupyterLab, nbclient, papermill), then the subcommands that offer the option as a
+flag (and read it from config files and kernelspecs too).
+
+| option | type | default | read by | what it does |
+| --- | --- | --- | --- | --- |
 """
+
+
+def readers(name: str) -> str:
+    """Which fronts read an option: P for the provisioner, then the subcommands."""
+    fronts = ["P"] if name in PROVISIONER else []
+    fronts += [command for command, names in BY_COMMAND.items() if name in names]
+    return ", ".join(fronts) or "—"
 
 
 def render() -> str:
@@ -34,7 +53,7 @@ def render() -> str:
         default = trait.default_value_repr()
         kind = type(trait).__name__
         help_text = " ".join(trait.help.split()).replace("|", "\\|")
-        rows.append(f"| `{name}` | {kind} | `{default}` | {help_text} |")
+        rows.append(f"| `{name}` | {kind} | `{default}` | {readers(name)} | {help_text} |")
     return HEADER + "\n".join(rows) + "\n"
 
 

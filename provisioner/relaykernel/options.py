@@ -9,8 +9,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Dict, Float, Int, List, Unicode, default, validate
-from traitlets.config import LoggingConfigurable
+from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, default, validate
+from traitlets.config import Config, LoggingConfigurable
 
 from .common.destination import Destination, parse_jump_chain
 from .common.errors import ConfigError
@@ -27,6 +27,34 @@ def _at_least(name: str, value: float, minimum: float) -> float:
 
 class RelayOptions(LoggingConfigurable):
     """Where the VM is, how to reach it, and how the remote kernel runs."""
+
+    sources: dict[str, str] = {}
+    """Where each option that is not at its default came from (set by ``loader.load_options``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        """Refuse unknown names and wrongly typed values with a one-line ConfigError, before anything starts.
+
+        With a parent (the provisioner, whose parent is the KernelManager), jupyter_relaykernel_config files
+        apply too, below the parent's (the Jupyter server's) config.
+        """
+        from . import logs  # noqa: PLC0415 - modules that import this one
+        from .loader import check_names, describe_trait_error, jupyter_config  # noqa: PLC0415
+
+        parent = kwargs.get("parent")
+        if parent is not None and "config" not in kwargs:
+            kwargs["config"] = jupyter_config(server=getattr(parent, "config", None) or Config())
+        known = set(type(self).class_trait_names()) | {"parent", "config", "log"}
+        check_names(kwargs, "the provisioner config or the command line", known)
+        config = kwargs.get("config")
+        for section in ("RelayOptions", type(self).__name__):
+            if config is not None and section in config:
+                check_names(config[section], f"c.{section} of a Jupyter config file", known)
+        try:
+            super().__init__(**kwargs)
+        except TraitError as error:
+            raise ConfigError(describe_trait_error(error)) from None
+        if parent is not None:
+            logs.follow_application_log(self.log)
 
     host = Unicode(
         "",
@@ -196,6 +224,14 @@ class RelayOptions(LoggingConfigurable):
         parse_jump_chain(value)
         return value
 
+    @validate("identity_file")
+    def _check_identity_file(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"]).strip()
+        if value and not os.path.isfile(os.path.expanduser(value)):
+            raise ConfigError(f"identity_file = {value!r} does not exist: name your private key, or leave it empty "
+                              "to use ssh-agent and ssh config's keys")
+        return value
+
     @validate("remote_python")
     def _check_remote_python(self, proposal: dict[str, Any]) -> str:
         value = str(proposal["value"])
@@ -257,7 +293,12 @@ class RelayOptions(LoggingConfigurable):
         chosen = self.sync_local_dir.strip() or client_cwd or os.getcwd()
         if chosen.lower() == "none":
             return None
-        return Path(os.path.expanduser(chosen)).resolve()
+        folder = Path(os.path.expanduser(chosen)).resolve()
+        if not folder.is_dir():
+            msg = (f"sync_local_dir = {chosen!r} is not a folder here: create it, name another, "
+                   "or set sync_local_dir = 'none' for no sync")
+            raise ConfigError(msg)
+        return folder
 
     def kernel_workdir(self, local_dir: Path | None) -> str:
         """The kernel's work dir on the VM for this synced local folder: remote_workdir, else one per project.

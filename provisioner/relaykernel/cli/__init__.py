@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
+from .. import __version__, logs
 from ..common.errors import RelayKernelError
-from ..ssh.chain import TRANSPORT_LOGGER
 from . import cell, checkpoint, demo, doctor, install, launch, sync, trust
 
 SUBCOMMANDS = (install, launch, doctor, trust, sync, checkpoint, demo, cell)
+_DEBUG_HELP = "log every step with its timing, and the options in effect with where each came from (to stderr)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,10 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relaykernel",
         description="Jupyter kernels on a notebook VM with no public IP, reached through an SSH relay.",
     )
-    parser.add_argument("--debug", action="store_true", help="log every step (to stderr)")
+    parser.add_argument("--version", action="version", version=f"relaykernel {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.add_parser(subparsers)
+    for sub in subparsers.choices.values():  # `relaykernel doctor x --debug` works as well as `--debug doctor x`
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
@@ -32,14 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_extra_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_arguments = extra
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="relaykernel %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("paramiko", TRANSPORT_LOGGER):  # every failure that matters reaches the user as an error
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
+    logs.configure_cli(debug=args.debug)
     try:
-        return int(args.run(args) or 0)
+        with logs.step(f"relaykernel {args.command}"):
+            return int(args.run(args) or 0)
     except RelayKernelError as error:
         print(f"relaykernel: {error}", file=sys.stderr)
         return 1

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
-from jupyter_core.paths import jupyter_config_path
-from traitlets.config import Config
-from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, PyFileConfigLoader
-
 from .. import __version__
 from ..common.errors import ConfigError
-from ..kernelspec import load_relay_config
-from ..options import RelayOptions
 from ..vm.cell import settings_for
 from ..vm.platforms import PLATFORMS
+from .options_args import add_flags, options_for
 
-CONFIG_NAME = "jupyter_relaykernel_config"
 _DEFAULT_PUBLIC_KEYS = ("~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.pub")
 
 
@@ -36,14 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--spec", metavar="KERNELSPEC_DIR",
                         help="take the work dir and the heartbeat and checkpoint settings from this kernelspec's "
                         "provisioner config (e.g. kernelspecs/colab, or an installed one)")
-    parser.add_argument("--heartbeat-seconds", type=float, help="how often the status updates (default 60)")
-    parser.add_argument("--workdir", help="the kernels' remote_workdir on the VM (default: the platform's)")
-    parser.add_argument("--checkpoint-path", action="append", dest="checkpoint_paths", metavar="GLOB",
-                        help="what to checkpoint, relative to the work dir (repeatable; default outputs/** "
-                        "checkpoints/**)")
-    parser.add_argument("--checkpoint-interval-seconds", type=float, help="how often to checkpoint (default 300)")
+    add_flags(parser, "cell")
     parser.add_argument("--no-restore", dest="restore_on_start", action="store_false", default=None,
-                        help="do not restore the last checkpoint on a fresh VM")
+                        help="the same as --no-restore-on-start")
     parser.add_argument("--project", default="", help="the checkpoints' folder name in storage (default: the "
                         "work dir's name)")
     parser.add_argument("--sshd-port", type=int, default=22, help="port of the VM's sshd on its 127.0.0.1")
@@ -111,32 +99,17 @@ def cell_source(*, platform: str, relay: str, remote_port: int, authorized_keys:
 
 
 def _kernel_side_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Heartbeat, work dir and checkpoint settings: the flags, else the kernelspec's config, else the defaults."""
-    spec = RelayOptions(config=jupyter_config(), **(load_relay_config(args.spec) if args.spec else {}))
+    """Heartbeat, work dir and checkpoint settings: the flags, else the kernelspec's config, else Jupyter config."""
+    options = options_for(args, "cell", spec_dir=args.spec)
     chosen: dict[str, Any] = {}
     for name in ("heartbeat_seconds", "checkpoint_paths", "checkpoint_interval_seconds", "restore_on_start"):
-        value = getattr(args, name)
-        if value is None:
-            value = getattr(spec, name)
-        if value is not None:
-            chosen[name] = list(value) if isinstance(value, list) else value
-    workdir = args.workdir or (spec.remote_workdir if args.spec else "")
-    if workdir:
-        chosen["workdir"] = workdir
+        value = getattr(options, name)
+        chosen[name] = list(value) if isinstance(value, list) else value
+    if "remote_workdir" in options.sources:  # else the platform's own default work dir
+        chosen["workdir"] = options.remote_workdir
     if args.project:
         chosen["project"] = args.project
     return chosen
-
-
-def jupyter_config() -> Config:
-    """``c.RelayOptions.…`` from every jupyter_relaykernel_config.py/.json on Jupyter's config path."""
-    merged = Config()
-    for directory in reversed(jupyter_config_path()):  # lowest priority first, so the user's own wins
-        for loader in (PyFileConfigLoader, JSONFileConfigLoader):
-            suffix = ".py" if loader is PyFileConfigLoader else ".json"
-            with contextlib.suppress(ConfigFileNotFound):
-                merged.merge(loader(CONFIG_NAME + suffix, path=directory).load_config())
-    return merged
 
 
 def _default_public_key() -> str:

@@ -10,7 +10,7 @@ import time
 from ..common.errors import VM, CheckpointError
 from ..options import RelayOptions
 from ..relayed import build_chain
-from .options_args import add_connection_flags, given_options
+from .options_args import add_flags, options_for
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,12 +18,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("host", metavar="DEST", help=RelayOptions.class_traits()["host"].help)
     parser.add_argument("action", choices=("now", "list", "restore"))
     parser.add_argument("--id", default="", help="the checkpoint to restore (default: the latest)")
-    add_connection_flags(parser)
+    add_flags(parser, "checkpoint")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    options = RelayOptions(host=args.host, **given_options(args))
+    options = options_for(args, "checkpoint", host=args.host)
     chain = build_chain(options)
     try:
         chain.connect()

@@ -9,8 +9,10 @@ from typing import Any
 
 from ..common.errors import ConfigError
 from ..kernelspec import build_kernel_json, check_name, install_kernelspec, load_kernel_json
+from ..loader import check_names
+from ..logs import step
 from ..options import RelayOptions
-from .options_args import add_connection_flags, given_options
+from .options_args import add_flags, flags_given
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,9 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "are the defaults, and argv[0] becomes this python's absolute path (what VS Code needs)",
     )
     parser.add_argument("--name", help="kernelspec name (letters, digits, . _ -); default: the --from directory's")
-    parser.add_argument("--host", help=RelayOptions.class_traits()["host"].help)
     parser.add_argument("--display-name", help="name shown in the kernel picker (default: 'Python on HOST')")
-    add_connection_flags(parser)
+    parser.add_argument("--no-debugger", dest="debugger", action="store_false",
+                        help="grey out JupyterLab's debugger (for a VM whose ipykernel lacks debugpy)")
+    add_flags(parser, "install")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for the current user (default)")
     where.add_argument("--sys-prefix", action="store_true", help="install into this Python environment")
@@ -34,16 +37,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     template = load_kernel_json(args.template) if args.template else {}
     config = _config(args, template)
-    RelayOptions(**config)  # validate now, not when the kernel starts
+    RelayOptions(**config).sync_dir(None)  # validate now, not when the kernel starts
     name = args.name or (os.path.basename(os.path.normpath(args.template)) if args.template else "")
     if not name:
         raise ConfigError("name the kernelspec: --name NAME (or start from a stock spec with --from DIR)")
-    display_name = _display_name(args, template, config["host"])
+    display_name = _display_name(args, template, config["host"], name)
     prefix = sys.prefix if args.sys_prefix else args.prefix
-    path = install_kernelspec(
-        name=check_name(name), kernel_json=build_kernel_json(display_name=display_name, config=config),
-        user=prefix is None, prefix=prefix,
-    )
+    with step(f"installing the kernelspec {name!r}"):
+        path = install_kernelspec(
+            name=check_name(name), kernel_json=build_kernel_json(display_name=display_name, config=config,
+                                                                debugger=args.debugger),
+            user=prefix is None, prefix=prefix,
+        )
     print(f"installed kernelspec {name!r} in {path}")
     print(f"select {display_name!r} in JupyterLab's or VS Code's kernel picker; check the path with:")
     jump = config.get("jump")
@@ -54,21 +59,23 @@ def run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace, template: dict[str, Any]) -> dict[str, Any]:
     """The template's provisioner config, overridden by the flags given; paths made absolute."""
     config = dict(template.get("metadata", {}).get("kernel_provisioner", {}).get("config", {}))
-    config.update(given_options(args))
-    if args.host:
-        config["host"] = args.host
+    check_names(config, f"the provisioner config of {args.template}")
+    config.update(flags_given(args, "install"))
     if not config.get("host"):
         raise ConfigError("name the VM: --host DEST (an ssh config alias such as 'colab', or user@host:port)")
-    for key in ("ssh_config_file", "identity_file"):
-        if config.get(key):
+    for key in ("ssh_config_file", "identity_file", "sync_local_dir"):
+        if config.get(key) and str(config[key]).lower() != "none":
             config[key] = os.path.abspath(os.path.expanduser(config[key]))
     return config
 
 
-def _display_name(args: argparse.Namespace, template: dict[str, Any], host: str) -> str:
-    """The flag's, else the template's unless --host changed the VM it names, else 'Python on HOST'."""
+def _display_name(args: argparse.Namespace, template: dict[str, Any], host: str, name: str) -> str:
+    """The flag's; else one that tells this VM from others: 'Python on HOST', or the template's plus the name."""
     if args.display_name:
         return str(args.display_name)
-    if template.get("display_name") and not args.host:
-        return str(template["display_name"])
-    return f"Python on {host} (relaykernel)"
+    shown = str(template.get("display_name") or "")
+    if not shown or args.host:
+        return f"Python on {host} (relaykernel)"
+    if name != os.path.basename(os.path.normpath(args.template)):  # a second VM from the same stock spec
+        return f"{shown} [{name}]"
+    return shown

@@ -14,22 +14,23 @@ from typing import Any
 
 from ..common.errors import ConfigError
 from ..forward import KERNEL_PORT_NAMES
-from ..kernelspec import load_relay_config
-from ..options import RelayOptions
-from ..pids import pid_alive
+from ..logs import step
+from ..portable import on_stop_signals, pid_alive
 from ..relayed import RelayedKernel
-from .options_args import add_connection_flags, given_options
+from .options_args import add_flags, options_for
 
 _WATCH_SECONDS = 0.5
 log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("launch", help="run as the kernel process a client spawned (kernelspec argv)")
+    parser = subparsers.add_parser(
+        "launch", help="run as the kernel process a client spawned (kernelspec argv)", allow_abbrev=False,
+        epilog="Arguments it does not know are the client's, for the kernel: they reach the remote ipykernel.",
+    )
     parser.add_argument("-f", "--connection-file", required=True, help="the connection file the client wrote")
     parser.add_argument("--spec", help="kernelspec directory whose provisioner config to use")
-    parser.add_argument("--host", help=RelayOptions.class_traits()["host"].help)
-    add_connection_flags(parser)
+    add_flags(parser, "launch")
     # Clients append their own arguments to a kernel's argv (`jupyter run` adds its file names); they are meant
     # for a local ipykernel and mean nothing here, so the launcher takes and ignores them.
     parser.set_defaults(run=run, accepts_extra_arguments=True)
@@ -38,18 +39,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.extra_arguments:
         log.debug("ignoring arguments meant for a local kernel: %s", args.extra_arguments)
-    options = RelayOptions(**_config(args))
-    info = read_connection_file(args.connection_file)
-    relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex, sync_dir=options.sync_dir(os.getcwd()))
+    with step("loading the options"):
+        options = options_for(args, "launch", spec_dir=args.spec)
+        options.require_host()
+        info = read_connection_file(args.connection_file)
+        sync_dir = options.sync_dir(os.getcwd())
+    relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex, sync_dir=sync_dir)
     ended = threading.Event()
     _install_signal_handlers(relayed, ended)
     local_ports = {name: int(info[name]) for name in KERNEL_PORT_NAMES}
     try:
-        relayed.listen(local_ports)  # the client waits for shell and iopub to accept: let them at once
-        relayed.start(
-            key=info["key"].encode(), signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-            local_ports=local_ports,
-        )
+        with step("binding the five local ports"):
+            relayed.listen(local_ports)  # the client waits for shell and iopub to accept: let them at once
+        with step(f"starting the kernel on {options.host}"):
+            relayed.start(
+                key=info["key"].encode(), signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+                local_ports=local_ports,
+            )
         return _supervise(relayed, ended)
     finally:
         relayed.close()
@@ -71,14 +77,6 @@ def read_connection_file(path: str) -> dict[str, Any]:
     return info
 
 
-def _config(args: argparse.Namespace) -> dict[str, Any]:
-    config = load_relay_config(args.spec.strip("'\"")) if args.spec else {}
-    config.update(given_options(args))
-    if args.host:
-        config["host"] = args.host
-    return config
-
-
 def _install_signal_handlers(relayed: RelayedKernel, ended: threading.Event) -> None:
     def interrupt(signum: int, frame: object) -> None:
         threading.Thread(target=_forward_signal, args=(relayed, signal.SIGINT), daemon=True).start()
@@ -87,8 +85,7 @@ def _install_signal_handlers(relayed: RelayedKernel, ended: threading.Event) -> 
         ended.set()
 
     signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, stop)
+    on_stop_signals(stop)
 
 
 def _forward_signal(relayed: RelayedKernel, signum: int) -> None:

@@ -13,7 +13,7 @@ from ..relayed import build_chain
 from ..sync.engine import SyncReport, WorkdirSync
 from ..sync.ignore import IgnoreRules
 from ..sync.remote import RemoteTree
-from .options_args import add_connection_flags, given_options
+from .options_args import add_flags, options_for
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("local", type=Path, help="the local folder")
     parser.add_argument("remote", help="the directory on the VM ('~' is the VM user's home)")
     parser.add_argument("--watch", action="store_true", help="keep syncing every change until Ctrl-C")
-    parser.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
-                        help="a gitignore pattern to keep local, on top of the tree's .gitignore files (repeatable)")
-    parser.add_argument("--max-file-size-mb", type=float, default=100.0, help="files larger than this stay local")
-    add_connection_flags(parser)
+    add_flags(parser, "sync")
     parser.set_defaults(run=run)
 
 
@@ -33,13 +30,14 @@ def run(args: argparse.Namespace) -> int:
     local = args.local.expanduser().resolve()
     if not local.is_dir():
         raise ConfigError(f"{args.local} is not a folder here: name the local folder to mirror")
-    options = RelayOptions(host=args.host, **given_options(args))
+    options = options_for(args, "sync", host=args.host)
     chain = build_chain(options)
     try:
         chain.connect()
         remote = RemoteTree(chain, python_argv=options.python_argv(), root=args.remote,
                             timeout_seconds=options.command_timeout_seconds)
-        rules = IgnoreRules(local, extra_patterns=args.ignore, max_file_size_bytes=int(args.max_file_size_mb * 1e6))
+        rules = IgnoreRules(local, extra_patterns=list(options.sync_ignore),
+                            max_file_size_bytes=int(options.sync_max_file_size_mb * 1e6))
         sync = WorkdirSync(local, remote, rules)
         report = sync.initial(progress=_progress)
         print(f"\nsynced {local} -> {args.host}:{args.remote}: {_summary(report)}", file=sys.stderr)

@@ -9,7 +9,7 @@ from ..common.errors import VM, ChangedHostKey, ConfigError, HostKeyError, Unkno
 from ..options import RelayOptions
 from ..relayed import build_chain
 from ..ssh.hostkeys import KnownHosts, fingerprint
-from .options_args import add_connection_flags, given_options
+from .options_args import add_flags, options_for
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -17,12 +17,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("host", metavar="DEST", help=RelayOptions.class_traits()["host"].help)
     parser.add_argument("--fingerprint", help="the SHA256:… fingerprint the VM's cell printed; trust only that key")
     parser.add_argument("--replace", action="store_true", help="replace a key known_hosts already holds for DEST")
-    add_connection_flags(parser)
+    add_flags(parser, "trust")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    options = RelayOptions(host=args.host, **given_options(args))
+    options = options_for(args, "trust", host=args.host)
     chain = build_chain(options)
     try:
         key = chain.fetch_vm_host_key()
