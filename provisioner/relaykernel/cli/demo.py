@@ -8,10 +8,12 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..kernelspec import build_kernel_json, install_kernelspec
-from ..sandbox.topology import LoopbackSandbox, SandboxInfo
+
+if TYPE_CHECKING:  # the sandbox runs OpenSSH servers (POSIX only): imported when the demo runs, not with the CLI
+    from ..sandbox.topology import SandboxInfo
 
 SPEC_NAME = "relaykernel-sandbox"
 DISPLAY_NAME = "Python on the relaykernel sandbox VM"
@@ -36,6 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..sandbox.topology import LoopbackSandbox  # noqa: PLC0415 - see above
+
     print("starting a relay sshd, a VM sshd and the VM's reverse tunnel on 127.0.0.1 …", flush=True)
     with LoopbackSandbox() as info:
         print(f"  relay {info.relay}   VM (via the relay's forwarded port) {info.vm}", flush=True)
