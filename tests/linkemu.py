@@ -35,12 +35,13 @@ MIN_SEGMENT = 4096
 CONNECT_TIMEOUT_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 10.0
 COMMAND_TIMEOUT_SECONDS = 5.0
+LOOKAHEAD_SECONDS = 0.01  # how far ahead of the link a reader may reserve: the most a reply waits behind bulk
 
 
 class TokenBucket:
     """A link's serialiser: bytes leave at ``mbit`` (None: at once), in arrival order across connections."""
 
-    def __init__(self, mbit: float | None, burst_seconds: float = 0.005) -> None:
+    def __init__(self, mbit: float | None, burst_seconds: float = 0.002) -> None:
         self.rate = None if mbit is None else mbit * 1e6 / 8  # bytes per second
         self.burst_seconds = burst_seconds
         self.next_free = 0.0
@@ -107,8 +108,8 @@ class Pipe:
             data = await reader.read(min(self.bucket.segment(), self.link.queue_bytes - self.held))
             now = time.monotonic()
             sent = self.bucket.reserve(len(data), now)
-            if sent > now:
-                await asyncio.sleep(sent - now)
+            if sent - now > LOOKAHEAD_SECONDS:  # reserve a little ahead: a late wake-up then costs no rate
+                await asyncio.sleep(sent - now - LOOKAHEAD_SECONDS)
             self.items.append((sent, sent + self.link.delay, data))
             self.held += len(data)
             self._notify()
