@@ -1,4 +1,4 @@
-"""Benchmark relaykernel against plain OpenSSH (ProxyJump + -L) on the test topology: start, latency, output."""
+"""Benchmark relaykernel against plain OpenSSH (ProxyJump + -L) on the test topology across emulated links."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import paramiko
 from jupyter_client import BlockingKernelClient, KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
-from bench_topology import open_topology
+from bench_topology import DEFAULT_PROFILES, PROFILES, Profile, across_link, open_sandbox, parse_profiles
 from relaykernel.kernelspec import build_kernel_json
 from relaykernel.sandbox.ports import LOOPBACK, free_loopback_ports
 from relaykernel.sandbox.processes import stop_process_tree
@@ -36,8 +36,8 @@ from relaykernel.sandbox.topology import SandboxInfo
 WORKER_ENV = "RELAYKERNEL_BENCH_WORKER"
 SPEC_NAME = "relaybench"
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")  # Jupyter's five
-RELAYKERNEL, OPENSSH = "relaykernel", "OpenSSH"
-WARMUP_ROUND_TRIPS, ROUND_TRIPS = 20, 200
+RELAYKERNEL, OPENSSH, RESUME_OFF, LOCAL = "relaykernel", "OpenSSH", "relaykernel, resume off", "local kernel"
+ROUND_TRIPS, WAN_ROUND_TRIPS = 200, 40  # execute('1') samples on loopback / on an emulated WAN
 RESEND_SECONDS = 0.1  # kernel_info is re-sent this often until answered: the wait is never quantised coarser
 QUIET_SECONDS = 0.2
 START_TIMEOUT_SECONDS = 60.0
@@ -56,25 +56,20 @@ class Sample:
     untimed_setup_s: float = 0.0  # OpenSSH: the ssh that writes the connection file before the timed start
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A table row: which Sample field, how it is shown, and the issue's target for relaykernel / OpenSSH."""
+@dataclass
+class Row:
+    """One line of a profile's table: medians for relaykernel and OpenSSH, their ratio and the issue's target."""
 
-    field: str
     label: str
-    scale: float
+    ours: float
+    theirs: float | None
     digits: int
     target: str = "—"
-    meets: Callable[[float], bool] | None = None
+    met: bool | None = None
 
-
-def metrics(output_mib: int) -> list[Metric]:
-    return [
-        Metric("cold_start_s", "cold start → first kernel_info (s)", 1, 3, "≤ 1.0×", lambda r: r <= 1.0),
-        Metric("restart_s", "restart → first kernel_info (s)", 1, 3),
-        Metric("round_trip_s", "execute('1') round trip (ms)", 1000, 2, "≤ 0.25×", lambda r: r <= 0.25),
-        Metric("output_mb_per_s", f"{output_mib} MiB printed (MB/s)", 1, 1, "≥ 1.0×", lambda r: r >= 1.0),
-    ]
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.theirs else self.ours / self.theirs
 
 
 # ---- what both contenders are measured with --------------------------------------------------------------------
@@ -119,10 +114,11 @@ def timed_execute(client: BlockingKernelClient, code: str, hook: Callable[[dict[
     return elapsed
 
 
-def round_trip_seconds(client: BlockingKernelClient) -> float:
+def round_trip_seconds(client: BlockingKernelClient, count: int = ROUND_TRIPS) -> float:
     """Median execute('1') round trip after a warm-up."""
-    times = [timed_execute(client, "1", _ignore) for _ in range(WARMUP_ROUND_TRIPS + ROUND_TRIPS)]
-    return statistics.median(times[WARMUP_ROUND_TRIPS:])
+    warmup = max(2, count // 10)
+    times = [timed_execute(client, "1", _ignore) for _ in range(warmup + count)]
+    return statistics.median(times[warmup:])
 
 
 def output_mb_per_s(client: BlockingKernelClient, mib: int) -> float:
@@ -147,19 +143,31 @@ def _ignore(message: dict[str, Any]) -> None:
 # ---- relaykernel: jupyter_client with the relay kernelspec -----------------------------------------------------
 
 
-def install_relay_spec(directory: Path, info: SandboxInfo, remote_root: str) -> KernelSpecManager:
+def install_relay_spec(directory: Path, info: SandboxInfo, remote_root: str,
+                       overrides: dict[str, Any] | None = None) -> KernelSpecManager:
     """A relay kernelspec for the topology's VM, seen by a KernelSpecManager of its own."""
-    config = {
+    config: dict[str, Any] = {
         "host": info.vm_alias,
         "ssh_config_file": info.ssh_config_file,
         "remote_python": info.vm_python,
         "remote_workdir": f"~/{remote_root}/work",
         "lease_seconds": 60.0,  # a crashed benchmark leaves no kernel for long; renewals run at the default pace
         "sync_local_dir": "none",  # the baseline syncs nothing either
+        **(overrides or {}),
     }
     spec_dir = directory / "kernels" / SPEC_NAME
     spec_dir.mkdir(parents=True)
     (spec_dir / "kernel.json").write_text(json.dumps(build_kernel_json(display_name="bench", config=config)))
+    return KernelSpecManager(kernel_dirs=[str(directory / "kernels")])
+
+
+def install_local_spec(directory: Path, python: str) -> KernelSpecManager:
+    """A plain local kernelspec running the VM's python here: the kernel's own boot time, with no link at all."""
+    spec_dir = directory / "kernels" / SPEC_NAME
+    spec_dir.mkdir(parents=True)
+    spec = {"argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "local",
+            "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
     return KernelSpecManager(kernel_dirs=[str(directory / "kernels")])
 
 
@@ -201,7 +209,7 @@ class RelayKernelRun:
 
     def _check_alive(self) -> None:
         if self.km is None or not self.km.is_alive():
-            raise RuntimeError("relaykernel: the kernel died before answering kernel_info")
+            raise RuntimeError("the kernel died before answering kernel_info")
 
 
 # ---- the baseline: plain OpenSSH, ProxyJump from the same ssh config -------------------------------------------
@@ -307,12 +315,32 @@ class OpenSSHRun:
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
-def measure_round(contender: RelayKernelRun | OpenSSHRun, output_mib: int) -> Sample:
+@dataclass(frozen=True)
+class Plan:
+    """What to run: rounds per contender, MiB to print, the links, and the switch that turns resumability off."""
+
+    rounds: int
+    output_mib: int
+    profiles: list[Profile]
+    resume_off: dict[str, Any]  # provisioner config that turns the data plane's resumability off; empty: not measured
+
+    def output_mib_for(self, profile: Profile) -> int:
+        """On a rate-limited downlink print about 8 s worth: the rate is what is measured, not the size."""
+        if profile.down_mbit is None:
+            return self.output_mib
+        return max(1, min(self.output_mib, int(profile.down_mbit * 1e6 / 8 * 8 / (1 << 20))))
+
+
+def round_trips_for(profile: Profile) -> int:
+    return ROUND_TRIPS if profile.rtt_ms == 0 else WAN_ROUND_TRIPS
+
+
+def measure_round(contender: RelayKernelRun | OpenSSHRun, output_mib: int, round_trips: int) -> Sample:
     """Cold start, latency, output, restart; the contender is stopped whatever happens."""
     try:
         cold = contender.cold_start()
         assert contender.client is not None
-        round_trip = round_trip_seconds(contender.client)
+        round_trip = round_trip_seconds(contender.client, round_trips)
         mb_per_s = output_mb_per_s(contender.client, output_mib)
         restart = contender.restart()
     finally:
@@ -332,24 +360,52 @@ def sweep_vm(info: SandboxInfo, remote_root: str, kernel_ids: list[str]) -> None
     info.vm_run(["sh", "-c", f"rm -rf {paths}"])
 
 
-def collect(rounds: int, output_mib: int) -> dict[str, Any]:
-    """Run every round, interleaving the contenders; everything is stopped on the way out, whatever happens."""
+def local_reference(scratch: Path, python: str, plan: Plan) -> list[Sample]:
+    """The same rounds on a local kernel (the VM's python, here): its boot time is not the link's."""
+    specs = install_local_spec(scratch / "local", python)
+    samples = []
+    for index in range(plan.rounds):
+        samples.append(measure_round(RelayKernelRun(specs, []), plan.output_mib, ROUND_TRIPS))
+        print(f"local {index + 1}/{plan.rounds}: {samples[-1]}", file=sys.stderr, flush=True)
+    return samples
+
+
+def run_profile(laptop: SandboxInfo, profile: Profile, plan: Plan, scratch: Path, remote_root: str,
+                kernel_ids: list[str]) -> dict[str, list[Sample]]:
+    """Every round of every contender across one link, interleaved (who goes first alternates)."""
+    directory = scratch / f"profile-{profile.name}"
+    specs = {RELAYKERNEL: install_relay_spec(directory / "on", laptop, remote_root)}
+    if plan.resume_off:
+        specs[RESUME_OFF] = install_relay_spec(directory / "off", laptop, remote_root, plan.resume_off)
+    samples: dict[str, list[Sample]] = {name: [] for name in [*specs, OPENSSH]}
+    for index in range(plan.rounds):
+        make: dict[str, Callable[[], RelayKernelRun | OpenSSHRun]] = {
+            name: (lambda spec=spec: RelayKernelRun(spec, kernel_ids)) for name, spec in specs.items()
+        }
+        remote = f"{remote_root}/openssh-{profile.name}-{index}"
+        make[OPENSSH] = lambda remote=remote: OpenSSHRun(laptop, remote, scratch)
+        for name in sorted(make, reverse=index % 2 == 1):
+            sample = measure_round(make[name](), plan.output_mib_for(profile), round_trips_for(profile))
+            samples[name].append(sample)
+            print(f"[{profile.name}] round {index + 1}/{plan.rounds} {name}: {sample}", file=sys.stderr, flush=True)
+    return samples
+
+
+def collect(plan: Plan) -> dict[str, Any]:
+    """The local reference, then each profile with the emulator on the laptop↔relay leg; all stopped on the way out."""
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rk-bench-")))
-        info, kind = open_topology(stack)
+        sandbox, kind = open_sandbox(stack)
+        info = sandbox.info
         remote_root, kernel_ids = f".rk-bench-{secrets.token_hex(4)}", []
         stack.callback(sweep_vm, info, remote_root, kernel_ids)
-        specs = install_relay_spec(scratch, info, remote_root)
-        samples: dict[str, list[Sample]] = {RELAYKERNEL: [], OPENSSH: []}
-        for index in range(rounds):
-            make = {
-                RELAYKERNEL: lambda: RelayKernelRun(specs, kernel_ids),
-                OPENSSH: lambda i=index: OpenSSHRun(info, f"{remote_root}/openssh-{i}", scratch),
-            }
-            for name in sorted(make, reverse=index % 2 == 1):  # alternate who goes first
-                samples[name].append(measure_round(make[name](), output_mib))
-                print(f"round {index + 1}/{rounds} {name}: {samples[name][-1]}", file=sys.stderr, flush=True)
-        return {"machine": machine_info(kind, info), "samples": samples}
+        local = local_reference(scratch, info.vm_python, plan)
+        profiles = {}
+        for profile in plan.profiles:
+            with contextlib.ExitStack() as link:
+                laptop, _ = across_link(link, sandbox, profile, scratch)
+                profiles[profile.name] = run_profile(laptop, profile, plan, scratch, remote_root, kernel_ids)
+        return {"machine": machine_info(kind, info), "local": local, "profiles": profiles}
 
 
 def machine_info(kind: str, info: SandboxInfo) -> dict[str, Any]:
@@ -375,54 +431,135 @@ def first_import_seconds() -> float:
 # ---- the report ------------------------------------------------------------------------------------------------
 
 
-def summarise(results: dict[str, Any], output_mib: int) -> dict[str, Any]:
-    """Medians per contender, ratios relaykernel / OpenSSH and the verdict on each target."""
-    samples = results["samples"]
-    summary: dict[str, Any] = {}
-    for metric in metrics(output_mib):
-        ours, theirs = (statistics.median(getattr(s, metric.field) for s in samples[n]) for n in (RELAYKERNEL, OPENSSH))
-        ratio = ours / theirs
-        met = None if metric.meets is None else metric.meets(ratio)
-        summary[metric.field] = {RELAYKERNEL: ours, OPENSSH: theirs, "ratio": ratio, "target": metric.target,
-                                 "met": met}
-    summary["openssh_connection_file_write_s"] = statistics.median(s.untimed_setup_s for s in samples[OPENSSH])
-    return summary
+def median_of(samples: list[Sample], field: str) -> float:
+    return statistics.median(getattr(sample, field) for sample in samples)
 
 
-def render(results: dict[str, Any], summary: dict[str, Any], rounds: int, output_mib: int) -> str:
-    machine = results["machine"]
+def in_round_trips(label: str, field: str, samples: dict[str, list[Sample]], local: list[Sample], rtt_s: float,
+                   most: float) -> Row:
+    """Time ÷ RTT once the local kernel's own time for the same step is taken off."""
+    own = median_of(local, field)
+    ours, theirs = ((median_of(samples[name], field) - own) / rtt_s for name in (RELAYKERNEL, OPENSSH))
+    return Row(label, ours, theirs, 1, f"≤ {most:g}", ours <= most)
+
+
+def profile_rows(profile: Profile, samples: dict[str, list[Sample]], local: list[Sample], mib: int) -> list[Row]:
+    """The table of one profile: seconds, round trips, latency, throughput, and the cost of resumability."""
+    def row(label: str, field: str, scale: float, digits: int, names: tuple[str, str] = (RELAYKERNEL, OPENSSH)) -> Row:
+        ours, theirs = (median_of(samples[name], field) * scale for name in names)
+        return Row(label, ours, theirs, digits)
+
+    wan, rtt_s = profile.rtt_ms > 0, profile.rtt_ms / 1000
+    cold, restart = row("cold start → first kernel_info (s)", "cold_start_s", 1, 3), row(
+        "restart → first kernel_info (s)", "restart_s", 1, 3)
+    latency = row("execute('1') round trip (ms)", "round_trip_s", 1000, 2)
+    output = row(f"{mib} MiB printed (MB/s)", "output_mb_per_s", 1, 2)
+    cold.target, cold.met = "≤ 1.0×", (cold.ratio or 0) <= 1.0
+    rows = [cold]
+    if wan:
+        rows.append(in_round_trips("  in round trips, less local boot", "cold_start_s", samples, local, rtt_s, 12))
+    rows.append(restart)
+    if wan:
+        rows.append(in_round_trips("  in round trips, less local restart", "restart_s", samples, local, rtt_s, 5))
+    if not wan:
+        latency.target, latency.met = "≤ 0.25×", (latency.ratio or 0) <= 0.25
+    rows.append(latency)
+    if profile.down_mbit is None:
+        most = 3.0 if profile.rtt_ms >= 150 else 1.0
+        output.target, output.met = f"≥ {most:g}×", (output.ratio or 0) >= most
+    rows.append(output)
+    if profile.down_mbit is not None:
+        link_mb_per_s = profile.down_mbit / 8
+        share = Row("  share of the link's rate", output.ours / link_mb_per_s, (output.theirs or 0) / link_mb_per_s, 2,
+                    "≥ 0.95", output.ours / link_mb_per_s >= 0.95)
+        rows.append(share)
+    if RESUME_OFF in samples:
+        rows.append(row("resumability on / off: execute('1') (ms)", "round_trip_s", 1000, 2, (RELAYKERNEL, RESUME_OFF)))
+        rows.append(row("resumability on / off: print (MB/s)", "output_mb_per_s", 1, 2, (RELAYKERNEL, RESUME_OFF)))
+    return rows
+
+
+def render_rows(rows: list[Row]) -> list[str]:
+    lines = [f"{'metric':<42}{RELAYKERNEL:>12}{OPENSSH:>10}{'ratio':>9}{'target':>10}  result"]
+    for row in rows:
+        theirs = "—" if row.theirs is None else f"{row.theirs:.{row.digits}f}"
+        ratio = "—" if row.ratio is None else f"{row.ratio:.2f}×"
+        verdict = "—" if row.met is None else ("met" if row.met else "MISSED")
+        lines.append(f"{row.label:<42}{row.ours:>12.{row.digits}f}{theirs:>10}{ratio:>9}{row.target:>10}  {verdict}")
+    return lines
+
+
+def render(results: dict[str, Any], plan: Plan) -> tuple[str, dict[str, list[Row]]]:
+    machine, local = results["machine"], results["local"]
     lines = [
-        f"relaykernel vs plain OpenSSH (ProxyJump + ssh -N -L), median of {rounds} round(s)",
+        f"relaykernel vs plain OpenSSH (ProxyJump + ssh -N -L), median of {plan.rounds} round(s) per profile",
         f"machine: nproc {machine['nproc']}, Python {machine['python']}; topology: {machine['topology']}",
         f"{machine['openssh']}; paramiko {machine['paramiko']}; VM python {machine['vm_python']}",
-        "",
-        f"{'metric':<38}{RELAYKERNEL:>12}{OPENSSH:>10}{'ratio':>9}{'target':>10}  result",
+        "links: the emulator (tests/linkemu.py) on the laptop↔relay leg, for both contenders",
+        f"local kernel (the VM's python here, no link): cold start {median_of(local, 'cold_start_s'):.3f} s, restart "
+        f"{median_of(local, 'restart_s'):.3f} s, execute('1') {median_of(local, 'round_trip_s') * 1000:.2f} ms, "
+        f"{plan.output_mib} MiB printed {median_of(local, 'output_mb_per_s'):.1f} MB/s",
     ]
-    for metric in metrics(output_mib):
-        row = summary[metric.field]
-        values = [f"{row[n] * metric.scale:.{metric.digits}f}" for n in (RELAYKERNEL, OPENSSH)]
-        verdict = "—" if row["met"] is None else ("met" if row["met"] else "MISSED")
-        lines.append(f"{metric.label:<38}{values[0]:>12}{values[1]:>10}{row['ratio']:>8.2f}×{metric.target:>10}  "
-                     f"{verdict}")
-    lines += [
-        "",
-        "ratio = relaykernel / OpenSSH (for MB/s too). Times end at the first kernel_info reply.",
-        f"Not counted: OpenSSH's connection-file write before its start, "
-        f"{summary['openssh_connection_file_write_s']:.3f} s (one more ssh through the relay); relaykernel's "
-        f"one-time import in a fresh process, {machine['first_import_s']:.3f} s.",
+    tables: dict[str, list[Row]] = {}
+    for profile in plan.profiles:
+        mib = plan.output_mib_for(profile)
+        tables[profile.name] = rows = profile_rows(profile, results["profiles"][profile.name], local, mib)
+        lines += ["", f"== {profile.describe()} ({round_trips_for(profile)} round trips timed)", *render_rows(rows)]
+    lines += ["", *summary_table(plan, tables), "", *notes(results, plan)]
+    return "\n".join(lines), tables
+
+
+def summary_table(plan: Plan, tables: dict[str, list[Row]]) -> list[str]:
+    """One line per profile, as issue 15 tabulates them: relaykernel / OpenSSH for each figure."""
+    picks = ("cold start", "restart", "execute('1')", "MiB printed")
+    lines = [f"{'profile':<42}" + "".join(f"{pick + ' rk / OpenSSH':>30}" for pick in picks)]
+    for profile in plan.profiles:
+        rows = [next(r for r in tables[profile.name] if pick in r.label and not r.label.startswith(" ")) for pick in
+                picks]
+        cells = [f"{r.ours:.{r.digits}f} / {r.theirs:.{r.digits}f}" for r in rows]
+        lines.append(f"{profile.describe():<42}" + "".join(f"{cell:>30}" for cell in cells))
+    return lines
+
+
+def notes(results: dict[str, Any], plan: Plan) -> list[str]:
+    openssh_writes = [s.untimed_setup_s for samples in results["profiles"].values() for s in samples[OPENSSH]]
+    lines = [
+        "ratio = relaykernel / OpenSSH (for MB/s too). Times end at the first kernel_info reply. Round trips = (time −",
+        "the local kernel's time for the same step) ÷ RTT. Rate-limited downlinks print less (about 8 s of the link).",
+        f"Not counted: OpenSSH's connection-file write before its start, median {statistics.median(openssh_writes):.3f}"
+        f" s (one more ssh through the relay); relaykernel's one-time import in a fresh process, "
+        f"{results['machine']['first_import_s']:.3f} s.",
     ]
-    return "\n".join(lines)
+    if not plan.resume_off:
+        lines.append("Cost of resumability: not measured; pass --resume-off KEY=VALUE (the provisioner option that "
+                      "turns the data plane's resumability off) to add its rows.")
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per contender; medians are reported")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per contender and profile; medians reported")
     parser.add_argument("--output-mib", type=int, default=64, help="MiB the kernel prints for the throughput row")
-    parser.add_argument("--json", type=Path, help="also write the samples and the summary to this file")
+    parser.add_argument("--profiles", type=parse_profiles, default=parse_profiles(DEFAULT_PROFILES),
+                        help=f"links to measure across, from: {', '.join(PROFILES)} (default {DEFAULT_PROFILES}); "
+                        "'direct' is loopback without the emulator; names are the RTT in ms")
+    parser.add_argument("--resume-off", action="append", default=[], metavar="KEY=VALUE",
+                        help="provisioner config that turns resumability off; adds a third contender and its rows")
+    parser.add_argument("--json", type=Path, help="also write the samples and the tables to this file")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.output_mib < 1:
         parser.error("--rounds and --output-mib must be at least 1")
+    if any("=" not in item for item in args.resume_off):
+        parser.error("--resume-off takes KEY=VALUE")
     return args
+
+
+def config_value(text: str) -> Any:
+    """A --resume-off value: JSON where it parses (false, 0, 1.5), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def run_in_own_session(argv: list[str]) -> int:
@@ -450,17 +587,23 @@ def run_benchmark(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.environ.pop("SSH_AUTH_SOCK", None)  # both contenders offer only the topology's key
     importlib.import_module("relaykernel.provisioner")  # every timed start finds it imported (import: own line)
+    resume_off = {key: config_value(value) for key, _, value in (item.partition("=") for item in args.resume_off)}
+    plan = Plan(args.rounds, args.output_mib, args.profiles, resume_off)
     try:
-        results = collect(args.rounds, args.output_mib)
+        results = collect(plan)
     except KeyboardInterrupt:
         print("interrupted: everything the benchmark started has been stopped", file=sys.stderr)
         return 130
-    summary = summarise(results, args.output_mib)
-    print(render(results, summary, args.rounds, args.output_mib))
+    report, tables = render(results, plan)
+    print(report)
     if args.json:
-        samples = {name: [asdict(s) for s in items] for name, items in results["samples"].items()}
-        document = {"machine": results["machine"], "rounds": args.rounds, "output_mib": args.output_mib,
-                    "samples": samples, "summary": summary}
+        document = {
+            "machine": results["machine"], "rounds": plan.rounds, "output_mib": plan.output_mib,
+            "local": [asdict(s) for s in results["local"]],
+            "profiles": {name: {"samples": {who: [asdict(s) for s in items] for who, items in samples.items()},
+                                "rows": [asdict(row) for row in tables[name]]}
+                         for name, samples in results["profiles"].items()},
+        }
         args.json.write_text(json.dumps(document, indent=2) + "\n")
     return 0
 

@@ -241,6 +241,7 @@ async def serve(args: argparse.Namespace) -> None:
     listener = await asyncio.start_server(server.accept, args.listen_host, args.listen_port)
     control = await asyncio.start_unix_server(server.control, args.control) if args.control else None
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(quiet_cancellations)
     handlers = {signal.SIGUSR1: "blackhole on", signal.SIGUSR2: "blackhole off", signal.SIGHUP: "reset",
                 signal.SIGTERM: "quit", signal.SIGINT: "quit"}
     for signum, line in handlers.items():
@@ -250,8 +251,16 @@ async def serve(args: argparse.Namespace) -> None:
     listener.close()
     if control is not None:
         control.close()
+    tasks = [connection.task for connection in server.link.connections if connection.task is not None]
     server.command("reset")
-    await asyncio.sleep(0)
+    if tasks:
+        await asyncio.wait(tasks, timeout=CONNECT_TIMEOUT_SECONDS)
+
+
+def quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A connection cancelled by a reset before its handler ran is not an error worth a traceback."""
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
