@@ -15,13 +15,16 @@ import secrets
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from linkemu import LinkEmulator
+from relaykernel.common.errors import HopError
 from relaykernel.sandbox.processes import descendants, signal_all, wait_gone
 from relaykernel.sandbox.topology import LoopbackSandbox
+from relaykernel.sandbox.tunnel import ReverseTunnel
 
 ESTABLISHED = "01"
 DEFAULT_MAX_SECONDS = 300.0
@@ -124,6 +127,36 @@ def hang_vm_bridge(sandbox: LoopbackSandbox, **kwargs: Any) -> Stopped:
     return Stopped(sorted(vm_leg_carriers(sandbox)), "the VM leg", **kwargs)
 
 
+class VmLegHang(Stopped):
+    """The whole VM leg hangs, new connections too: the socat bridge and its children stop (loopback sandbox: the
+    tunnel's ssh). The VM's tunnel may give up meanwhile (its keepalive); at the end it is started again, as the VM's
+    keeper would, which keeps retrying and so gets through as soon as the leg is back."""
+
+    def __init__(self, sandbox: LoopbackSandbox, **kwargs: Any) -> None:
+        bridge = getattr(sandbox, "bridge", None)
+        assert sandbox.tunnel is not None and sandbox.tunnel.pid is not None, "the sandbox is not running"
+        root = bridge.pid if bridge is not None else sandbox.tunnel.pid
+        super().__init__([root, *descendants(root)], "the VM leg", **kwargs)
+        self.tunnel = sandbox.tunnel
+
+    def _finish(self) -> None:
+        super()._finish()
+        bring_tunnel_back(self.tunnel)
+
+
+def bring_tunnel_back(tunnel: ReverseTunnel, timeout_seconds: float = 60.0) -> None:
+    """Start the VM's tunnel again unless it runs, retrying while the relay still holds the old forward."""
+    deadline = time.monotonic() + timeout_seconds
+    while not tunnel.alive:
+        try:
+            tunnel.stop()
+            tunnel.start()
+        except HopError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 # ---- hangs by packet loss: nftables drops one connection's packets ---------------------------------------------
 
 
@@ -214,7 +247,7 @@ class RelayDown(Fault):
     def _finish(self) -> None:
         self.relay.start()
         self.tunnel.stop()
-        self.tunnel.start()
+        bring_tunnel_back(self.tunnel)
 
 
 # ---- finding who carries a leg, from /proc ---------------------------------------------------------------------

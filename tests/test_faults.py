@@ -18,6 +18,8 @@ from faults import (
     Fault,
     RelayDown,
     TunnelDown,
+    VmLegHang,
+    bring_tunnel_back,
     drop_laptop_leg,
     drop_vm_leg,
     hang_relay_session,
@@ -117,6 +119,7 @@ HANGS: dict[str, Callable[[LoopbackSandbox, LinkEmulator], Fault]] = {
     "laptop-leg-packets-dropped": lambda sandbox, link: drop_laptop_leg(sandbox),
     "vm-leg-bridge-stopped": lambda sandbox, link: hang_vm_bridge(sandbox),
     "vm-leg-packets-dropped": lambda sandbox, link: drop_vm_leg(sandbox),
+    "vm-leg-bridge-and-new-connections-stopped": lambda sandbox, link: VmLegHang(sandbox),
 }
 
 
@@ -198,3 +201,20 @@ def test_a_relay_restart_ends_sessions_and_the_path_comes_back(
     before: list[Any] = [sandbox.relay_sshd.pid, *descendants(sandbox.relay_sshd.pid)]
     outage_test(sandbox, laptop, session, RelayDown(sandbox))
     assert sandbox.relay_sshd.alive and sandbox.relay_sshd.pid not in before
+
+
+def test_a_vm_leg_hang_longer_than_the_tunnel_keepalive_brings_the_tunnel_back(
+    sandbox: LoopbackSandbox, laptop: SandboxInfo
+) -> None:
+    assert sandbox.tunnel is not None
+    before = sandbox.tunnel.pid
+    with VmLegHang(sandbox):
+        sandbox.tunnel.stop()  # what its keepalive does after 15 s of silence, without the wait
+    assert sandbox.tunnel.alive and sandbox.tunnel.pid != before
+    back = EchoSession(laptop)
+    try:
+        assert back.echo("back")
+    finally:
+        back.close()
+    bring_tunnel_back(sandbox.tunnel)  # a running tunnel is left alone
+    assert sandbox.tunnel.pid != before
