@@ -96,7 +96,7 @@ class SSHChain:
             stderr = channel.makefile_stderr("rb").read().decode(errors="replace")
             return channel.recv_exit_status(), stdout, stderr
         except (OSError, EOFError, paramiko.SSHException) as error:
-            raise LinkDown(VM, self.vm_label, f"running a command failed: {error}", "") from None
+            raise LinkDown(VM, self.vm_label, f"running a command failed: {_reason(error)}", "") from None
         finally:
             channel.close()
 
@@ -122,7 +122,7 @@ class SSHChain:
         try:
             return transport.open_session(timeout=self.policy.channel_timeout_seconds)
         except (paramiko.SSHException, OSError, EOFError) as error:
-            raise LinkDown(VM, self.vm_label, f"could not open a session: {error}", "") from None
+            raise LinkDown(VM, self.vm_label, f"could not open a session: {_reason(error)}", "") from None
 
     def fetch_vm_host_key(self) -> paramiko.PKey:
         """The VM's host key, seen through the (verified) relays, without trusting or logging in (for trust)."""
@@ -292,3 +292,10 @@ def _refused(hop: str, where: str, host: str, port: int, code: int, next_is_vm: 
     else:
         fix = f"is the service on {host}:{port} running?"
     return ForwardRefused(hop, where, f"refused to open a channel to {host}:{port} ({reason})", fix)
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as a cause people can read, never empty (paramiko raises EOFError() when a connection closes)."""
+    if str(error):
+        return str(error)
+    return "the SSH connection closed" if isinstance(error, EOFError) else type(error).__name__

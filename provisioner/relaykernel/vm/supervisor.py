@@ -289,7 +289,7 @@ def start_kernel(request: dict, run_dir: RunDir, workdir: str) -> subprocess.Pop
             start_new_session=True,  # own session and group: signals reach the whole kernel, not the channel
         )
     except OSError as exc:
-        msg = f"cannot run {argv[0]!r}: {exc.strerror}; set python_argv to a python3 that exists on the VM"
+        msg = f"cannot run {argv[0]!r}: {exc.strerror}; set remote_python to a python3 that exists on the VM"
         raise RequestError("python", msg) from None
     except ValueError as exc:  # a NUL byte in argv or env, or '=' in an env name
         raise RequestError("request", f"bad python_argv or env: {exc}") from None
@@ -331,7 +331,7 @@ def startup_failure(request: dict, returncode: int, tail: str) -> RequestError:
     python, module = " ".join(request["python_argv"]), request["kernel_module"]
     if "No module named" in tail:
         msg = (f"{python} cannot import {module}: install ipykernel on the VM ({python} -m pip install "
-               f"ipykernel) or set python_argv to a python that has it. Kernel log:\n{tail}")
+               f"ipykernel) or set remote_python to a python that has it. Kernel log:\n{tail}")
         return RequestError("ipykernel", msg)
     msg = f"the kernel exited with status {returncode} while starting. Kernel log:\n{tail}"
     return RequestError("ipykernel", msg)
