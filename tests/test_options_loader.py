@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -182,3 +183,27 @@ def test_an_unwritable_prefix_is_a_one_line_error(tmp_path):
     prefix = str(tmp_path / "a-file" / "p")
     line = one_line_error(relaykernel("install", "--host", "vm", "--name", "x", "--prefix", prefix))
     assert "cannot write the kernelspec" in line and "--prefix" in line, line
+
+
+def test_debug_shows_timed_steps_for_every_subcommand(tmp_path, config_dir):
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA me@laptop\n")
+    connection = tmp_path / "kernel.json"
+    connection.write_text(json.dumps({"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4,
+                                      "hb_port": 5, "key": "k"}))
+    quick = ["--connect-timeout-seconds", "2"]  # nothing listens on NOWHERE: each remote step fails at once
+    commands = {
+        "install": ["--host", NOWHERE, "--name", "x", "--prefix", str(tmp_path / "prefix")],
+        "launch": ["--host", NOWHERE, "-f", str(connection), "--sync-local-dir", "none", *quick],
+        "doctor": [NOWHERE, *quick],
+        "trust": [NOWHERE, *quick],
+        "sync": [NOWHERE, str(tmp_path), "/tmp/x", *quick],
+        "checkpoint": [NOWHERE, "list", *quick],
+        "cell": ["--relay", "me@relay", "--authorize", str(key)],
+    }
+    for command, arguments in commands.items():
+        result = relaykernel(command, *arguments, "--debug")
+        for step in ("loading the options", f"relaykernel {command}"):
+            stamp = r"\[D \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} relaykernel\.step\] "
+            pattern = stamp + re.escape(step) + r": (done in|failed after) \d+\.\d{3} s"
+            assert re.search(pattern, result.stderr), (command, step, result.stderr)

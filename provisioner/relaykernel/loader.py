@@ -16,6 +16,7 @@ from traitlets.config import Application, Config
 
 from .common.errors import ConfigError
 from .kernelspec import load_relay_config
+from .logs import step
 from .options import RelayOptions
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,16 @@ def load_options(
     spec_config: Mapping[str, Any] | None = None,
 ) -> RelayOptions:
     """RelayOptions from the Jupyter config files, then the kernelspec's provisioner config, then the flags."""
+    with step("loading the options"):
+        return _load_options(dict(flags or {}), spec_dir, dict(spec_config or {}))
+
+
+def _load_options(given: dict[str, Any], spec_dir: str | None, spec: dict[str, Any]) -> RelayOptions:
     config = jupyter_config()
-    spec = dict(spec_config or {})
     if spec_dir:
         spec_dir = spec_dir.strip().strip("'\"")  # VS Code wraps a path with spaces in literal quotes
         spec.update(load_relay_config(spec_dir))
         check_names(spec, f"the provisioner config of {os.path.join(spec_dir, 'kernel.json')}")
-    given = dict(flags or {})
     options = RelayOptions(config=config, **{**spec, **given})
     sources = {name: "a Jupyter config file" for name in config.RelayOptions}
     sources.update({name: "the kernelspec" for name in spec})

@@ -35,9 +35,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    template = load_kernel_json(args.template) if args.template else {}
-    config = _config(args, template)
-    RelayOptions(**config).sync_dir(None)  # validate now, not when the kernel starts
+    with step("loading the options"):  # only the template's and the flags' go into the spec; config files stay live
+        template = load_kernel_json(args.template) if args.template else {}
+        config = _config(args, template)
+        RelayOptions(**config).sync_dir(None)  # validate now, not when the kernel starts
     name = args.name or (os.path.basename(os.path.normpath(args.template)) if args.template else "")
     if not name:
         raise ConfigError("name the kernelspec: --name NAME (or start from a stock spec with --from DIR)")

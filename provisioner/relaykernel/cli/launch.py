@@ -39,11 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.extra_arguments:
         log.debug("ignoring arguments meant for a local kernel: %s", args.extra_arguments)
-    with step("loading the options"):
-        options = options_for(args, "launch", spec_dir=args.spec)
-        options.require_host()
-        info = read_connection_file(args.connection_file)
-        sync_dir = options.sync_dir(os.getcwd())
+    options = options_for(args, "launch", spec_dir=args.spec)
+    options.require_host()
+    info = read_connection_file(args.connection_file)
+    sync_dir = options.sync_dir(os.getcwd())
     relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex, sync_dir=sync_dir)
     ended = threading.Event()
     _install_signal_handlers(relayed, ended)
