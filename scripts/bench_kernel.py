@@ -562,14 +562,14 @@ def config_value(text: str) -> Any:
         return text
 
 
-def run_in_own_session(argv: list[str]) -> int:
+def run_in_own_session(argv: list[str], script: Path = Path(__file__)) -> int:
     """Run the benchmark in a child in its own session and pass a Ctrl-C on once.
 
     A terminal's Ctrl-C goes to its whole process group: it would kill the topology's sshd and tunnels under the
     benchmark before it could shut its kernels down through them. In a session of its own, only we get it.
     """
     env = {**os.environ, WORKER_ENV: "1"}
-    worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], env=env, start_new_session=True)
+    worker = subprocess.Popen([sys.executable, str(script.resolve()), *argv], env=env, start_new_session=True)
     passed_on = [False]
 
     def pass_on(signum: int, frame: object) -> None:
