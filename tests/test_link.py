@@ -68,7 +68,7 @@ def test_a_kernel_killed_on_the_vm_is_reported_dead(own_topology, fast_kernel):
     assert wait_until(lambda: not km.is_alive(), 10), "a dead kernel must be reported by poll()"
 
 
-def test_a_link_cut_mid_sync_ends_consistent_once_the_link_is_back(own_topology, tmp_path):
+def test_a_link_cut_mid_sync_ends_consistent_once_the_link_is_back(own_topology, tmp_path, caplog):
     import hashlib
     import os
 
@@ -85,15 +85,31 @@ def test_a_link_cut_mid_sync_ends_consistent_once_the_link_is_back(own_topology,
     local = tmp_path / "project"
     local.mkdir()
     remote = RemoteTree(chain, python_argv=options.python_argv(), root="~/rk-cut-sync", timeout_seconds=3.0)
+    real_apply, cut_at = remote.apply, []
+
+    def apply_cut_midway(local_root, batch, on_bytes=None):
+        """Cut the tunnel from inside the upload, once 2 MB of a batch of 20 MB have gone: a batch is surely cut."""
+        sent = [0]
+
+        def counted(count: int) -> None:
+            sent[0] += count
+            if on_bytes:
+                on_bytes(count)
+            if not cut_at and sent[0] > 2_000_000:
+                cut_at.append(sent[0])
+                own_topology.tunnel.stop()
+
+        return real_apply(local_root, batch, counted)
+
+    remote.apply = apply_cut_midway  # type: ignore[method-assign]
     sync = WorkdirSync(local, remote, IgnoreRules(local), rescan_seconds=1.0).watch()
     try:
         (local / "big.bin").write_bytes(os.urandom(20 << 20))
         for i in range(100):
             (local / f"small{i}.txt").write_text(f"{i}\n" * 100)
-        time.sleep(0.45)  # the first batch is on its way: cut it
-        own_topology.tunnel.stop()
+        assert wait_until(lambda: cut_at, 30), "the upload never started"
         (local / "during-the-cut.txt").write_text("written while the VM was away")
-        time.sleep(2.0)
+        assert wait_until(lambda: "was cut" in caplog.text, 30), "the cut batch must fail, not pass silently"
         own_topology.tunnel.start()
 
         def consistent() -> bool:

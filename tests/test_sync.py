@@ -204,8 +204,11 @@ def test_a_kernel_runs_in_a_mirror_of_the_folder_it_was_started_from(topology, t
     client.start_channels()
     try:
         client.wait_for_ready(timeout=30)
-        out, _ = execute(client, "import mymodule, os; print(mymodule.VALUE, open('data/input.csv').read().split()[1])")
-        assert out.split() == ["1", "1,2"], "the first cell must find the local folder's files"
+        first = "import os; print(open('mymodule.py').read().strip(), open('data/input.csv').read().split()[1]) " \
+                "if os.path.exists('data/input.csv') else print('not yet')"
+        assert wait_until(lambda: execute(client, first)[0].split() == ["VALUE", "=", "1", "1,2"], VISIBLE_SECONDS), \
+            "the local folder's files must reach the kernel (the kernel does not wait for the first sync)"
+        execute(client, "import mymodule")
         write(local, "mymodule.py", "VALUE = 2\n")
         assert wait_until(lambda: execute(client, "import importlib; print(importlib.reload(mymodule).VALUE)")[0]
                           .strip() == "2", VISIBLE_SECONDS), "a save must reach the kernel"

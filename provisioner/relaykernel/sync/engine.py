@@ -94,7 +94,10 @@ class WorkdirSync:
             local = {file.path: file for file in self.rules.walk()}
             files = [file for path, file in sorted(local.items()) if self.synced.get(path) != (file.size,
                                                                                                  file.mtime_ns)]
-            return self._push(files, sorted(set(self.synced) - set(local)))
+            report = self._push(files, sorted(set(self.synced) - set(local)))
+        if report.deferred and self._watcher is not None:
+            self._watcher.requeue(set(report.deferred))  # still being written: looked at again once quiet
+        return report
 
     def pull(self, output_dirs: Sequence[str]) -> SyncReport:
         """Bring files under output_dirs back from the VM; a file edited here since is kept, the VM's copy beside it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -9,12 +10,12 @@ import tarfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from paramiko import SSHException
 
+from ..bundle import vm_program
 from ..common.errors import VM, LinkDown
 from ..common.protocol import BOOTSTRAP
 from ..ssh.chain import SSHChain
@@ -28,8 +29,9 @@ PULL_WINDOW_BYTES = 256 << 10  # output pulls: a small window, so a big download
 _CUT = (OSError, EOFError, tarfile.TarError, SSHException, ValueError)
 
 
+@functools.cache
 def receiver_script() -> bytes:
-    return resources.files("relaykernel.vm").joinpath("sync_receiver.py").read_bytes()
+    return vm_program("relaykernel.vm.sync_receiver")
 
 
 @dataclass

@@ -60,6 +60,9 @@ def send_tar(writer: FrameWriter, local_root: Path, files: Sequence[LocalFile]) 
     A file that changed since it was scanned still goes whole; its newer mtime makes the next pass send it again.
     """
     hashes: dict[str, str] = {}
+    if not files:  # moves, deletes or adoptions only: no archive at all
+        writer.finish()
+        return hashes
     with tarfile.open(fileobj=cast(Any, writer), mode="w|", format=tarfile.GNU_FORMAT, bufsize=_READ_BYTES) as archive:
         for file in files:
             try:

@@ -144,7 +144,9 @@ def apply(root, manifest, request, stream):
     frames = Frames(stream)
     tar = shutil.which("tar")
     mtimes = request.get("mtimes", {})
-    if tar and mtimes:
+    if not mtimes:
+        placed = Staged(None, [])  # moves, deletes or adoptions only: no archive follows
+    elif tar:
         placed = extract_with_tar(tar, root, frames, errors, checked)
     else:
         placed = extract_in_python(root, frames, errors, checked)
