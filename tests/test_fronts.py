@@ -135,15 +135,21 @@ def test_launch_reads_the_config_file(topology, tmp_path, config_dir):
         kernel.dispose()
 
 
-def test_doctor_reads_the_config_file(topology, tmp_path, config_dir):
-    (config_dir / "jupyter_relaykernel_config.py").write_text(
-        CONFIG_LINE + f"c.RelayOptions.remote_python = '{topology.vm_python} -S'\n")  # -S: no site, no ipykernel
-    result = subprocess.run(
+def doctor(topology: Any, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "relaykernel", "doctor", VM_ALIAS, "--ssh-config", write_ssh_config(topology, tmp_path),
          "--debug"], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_doctor_reads_the_config_file_and_checks_the_debugger(topology, tmp_path, config_dir):
+    result = doctor(topology, tmp_path)
     assert "option lease_seconds = 42.0 (from a Jupyter config file)" in result.stderr, result.stderr
-    assert result.returncode == 1 and "FAIL remote python + ipykernel" in result.stdout, result.stdout
     assert re.search(r"relaykernel\.step\] relaykernel doctor: done in \d+\.\d{3} s", result.stderr), result.stderr
+    assert result.returncode == 0 and re.search(r"^ok +debugger .* available$", result.stdout, re.M), result.stdout
+    (config_dir / "jupyter_relaykernel_config.py").write_text(
+        CONFIG_LINE + f"c.RelayOptions.remote_python = '{topology.vm_python} -S'\n")  # -S: no site, no ipykernel
+    result = doctor(topology, tmp_path)
+    assert result.returncode == 1 and "FAIL remote python + ipykernel" in result.stdout, result.stdout
 
 
 # --- the debugger through the relay --------------------------------------------------------------------------------

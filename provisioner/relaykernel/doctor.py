@@ -11,7 +11,10 @@ from .options import RelayOptions
 from .relayed import build_chain
 from .ssh.chain import SSHChain, describe
 
-_PYTHON_CHECK = "import sys, ipykernel; print(sys.version.split()[0], ipykernel.__version__)"
+_PYTHON_CHECK = (
+    "import sys, ipykernel, importlib.util as u; "
+    "print(sys.version.split()[0], ipykernel.__version__, 'yes' if u.find_spec('debugpy') else 'no')"
+)
 _WORKDIR_CHECK = (
     "import os, sys, tempfile; d = os.path.expanduser(sys.argv[1]); os.makedirs(d, exist_ok=True); "
     "tempfile.TemporaryFile(dir=d).close(); print(os.path.abspath(d))"
@@ -72,8 +75,11 @@ def _vm_checks(chain: SSHChain, options: RelayOptions) -> Iterator[Check]:
     if status != 0:
         yield Check("remote python + ipykernel", False, _last_line(err) or f"exit {status}", _python_fix(python, err))
         return
-    version, ipykernel = (out.split() + ["?", "?"])[:2]
+    version, ipykernel, debugpy = (out.split() + ["?", "?", "?"])[:3]
     yield Check("remote python + ipykernel", True, f"{python}: Python {version}, ipykernel {ipykernel}")
+    debugger = ipykernel.split(".")[0].isdigit() and int(ipykernel.split(".")[0]) >= 6 and debugpy == "yes"
+    yield Check("debugger (ipykernel >= 6 + debugpy)", True, "available" if debugger else
+                f"not available: {python} -m pip install debugpy, or install the spec with --no-debugger")
     workdir = shlex.quote(options.kernel_workdir(None))
     status, out, err = _run(chain, f"{python} -c {shlex.quote(_WORKDIR_CHECK)} {workdir}", options)
     if status != 0:
