@@ -58,7 +58,7 @@ def jupyter_config(server: Config | None = None) -> Config:
         for name in SERVER_CONFIGS:
             merged.merge(_sections(_load(name, strict=False)))
     else:
-        merged.merge(_sections(server))
+        merged.merge(server)  # whole: the provisioner's other sections (its base classes') stay in effect
     if "RelayProvisioner" in merged:  # one section for the fronts that are not the provisioner
         merged.RelayOptions.merge(merged.RelayProvisioner)
     return merged
