@@ -25,7 +25,7 @@ from helpers import (
     wait_until,
     write_ssh_config,
 )
-from relaykernel.forward import KERNEL_PORT_NAMES
+from relaykernel.common.protocol import PORT_NAMES as KERNEL_PORT_NAMES
 from relaykernel.sandbox.ports import free_loopback_ports
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 from helpers import environment_without_agent, execute, port_accepts, relay_config, vm_pids, wait_until
-from relaykernel.forward import KERNEL_PORT_NAMES
+from relaykernel.common.protocol import PORT_NAMES as KERNEL_PORT_NAMES
 from relaykernel.kernelspec import build_kernel_json
 from relaykernel.sandbox.ports import free_loopback_ports
 from relaykernel.sandbox.processes import stop_process_tree

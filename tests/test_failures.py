@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import kernel_manager, relay_config, vm_pids, write_ssh_config
-from relaykernel import errors
+from relaykernel.common import errors
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 FAIL_FAST_SECONDS = 15.0

@@ -23,7 +23,7 @@ from helpers import (
     wait_until,
     write_ssh_config,
 )
-from relaykernel.forward import KERNEL_PORT_NAMES
+from relaykernel.common.protocol import PORT_NAMES as KERNEL_PORT_NAMES
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 from jupyter_client.blocking import BlockingKernelClient
 
-from relaykernel.vm import supervisor
+from relaykernel.bundle import check_syntax, vm_program
+from relaykernel.common import protocol as supervisor
+from relaykernel.vm.supervisor import protocol as codes
 
-SCRIPT = Path(supervisor.__file__).read_bytes()
+SCRIPT = vm_program("relaykernel.vm.supervisor.main")
 KEY = "test-key-" + uuid.uuid4().hex
 DEBIAN_PYTHON = "/usr/bin/python3"
 EVENT_TIMEOUT_SECONDS = 20.0
@@ -201,12 +203,13 @@ def attach_request(request: dict) -> dict:
 def shut_down(run: SupervisorRun) -> dict:
     run.send({"op": "shutdown"})
     exited = run.event()
-    assert run.proc.wait(10) == supervisor.EXIT_OK
+    assert run.proc.wait(10) == codes.EXIT_OK
     return exited
 
 
 def test_script_is_python_38_syntax() -> None:
     ast.parse(SCRIPT, feature_version=(3, 8))
+    assert "relaykernel.vm.supervisor.main" in check_syntax()
 
 
 def test_started_reports_five_ports_and_keeps_files_private(launched: Callable[..., tuple]) -> None:
@@ -271,14 +274,14 @@ def test_shutdown_stops_everything_and_leaves_a_note(
     late.send(attach_request(request))
     gone = late.event()
     assert gone["event"] == "gone" and "shut down on request" in gone["message"]
-    assert late.proc.wait(10) == supervisor.EXIT_GONE
+    assert late.proc.wait(10) == codes.EXIT_GONE
 
 
 def test_lease_expiry_stops_the_kernel(launched: Callable[..., tuple], tmp_path: Path) -> None:
     run, started, request = launched(lease_seconds=2.0)
     exited = run.event(timeout=10)
     assert exited["event"] == "exited" and exited["why"] == "lease"
-    assert run.proc.wait(10) == supervisor.EXIT_OK
+    assert run.proc.wait(10) == codes.EXIT_OK
     assert not process_alive(started["pid"]) and not Path(started["run_dir"]).exists()
     note = (tmp_path / "run" / f"{request['kernel_id']}.ended").read_text()
     assert note.startswith("lease expired")
@@ -333,7 +336,7 @@ def test_closed_stdin_leaves_the_kernel_running_for_attach(
     bridge.send({"op": "status"})
     assert bridge.event()["alive"]
     assert shut_down(bridge)["why"] == "shutdown"
-    assert run.proc.wait(10) == supervisor.EXIT_OK and not process_alive(started["pid"])
+    assert run.proc.wait(10) == codes.EXIT_OK and not process_alive(started["pid"])
 
 
 def test_attach_shares_the_running_supervisor(
@@ -349,7 +352,7 @@ def test_attach_shares_the_running_supervisor(
     assert status["event"] == "status" and status["pid"] == started["pid"]
     exited = shut_down(run)
     assert bridge.event() == exited
-    assert bridge.proc.wait(10) == supervisor.EXIT_OK
+    assert bridge.proc.wait(10) == codes.EXIT_OK
 
 
 def test_attach_to_a_missing_kernel_says_gone(spawn: Callable[..., SupervisorRun], tmp_path: Path) -> None:
@@ -357,7 +360,7 @@ def test_attach_to_a_missing_kernel_says_gone(spawn: Callable[..., SupervisorRun
     run.send({"mode": "attach", "kernel_id": "nobody", "run_root": str(tmp_path / "run")})
     gone = run.event()
     assert gone["event"] == "gone" and "no supervisor for kernel nobody" in gone["message"]
-    assert run.proc.wait(10) == supervisor.EXIT_GONE
+    assert run.proc.wait(10) == codes.EXIT_GONE
 
 
 def test_kernel_exiting_by_itself_is_reported(
@@ -366,14 +369,14 @@ def test_kernel_exiting_by_itself_is_reported(
     run, started, _ = launched()
     kernel_client(started).execute("import os; os._exit(7)")
     assert run.event() == {"event": "exited", "status": 7, "why": "kernel"}
-    assert run.proc.wait(10) == supervisor.EXIT_OK and not Path(started["run_dir"]).exists()
+    assert run.proc.wait(10) == codes.EXIT_OK and not Path(started["run_dir"]).exists()
 
 
 def test_sigterm_to_the_supervisor_stops_the_kernel(launched: Callable[..., tuple]) -> None:
     run, started, _ = launched()
     run.proc.send_signal(signal.SIGTERM)
     assert run.event()["why"] == "terminated"
-    assert run.proc.wait(10) == supervisor.EXIT_OK
+    assert run.proc.wait(10) == codes.EXIT_OK
     assert group_members(started["pgid"]) == [] and not Path(started["run_dir"]).exists()
 
 
@@ -382,7 +385,7 @@ def launch_error(spawn: Callable[..., SupervisorRun], request: dict) -> dict:
     run.send(request)
     error = run.event()
     assert error["event"] == "error", error
-    assert run.proc.wait(10) == supervisor.EXIT_LAUNCH_FAILED
+    assert run.proc.wait(10) == codes.EXIT_LAUNCH_FAILED
     assert not (Path(request["run_root"]) / request["kernel_id"]).exists()
     return error
 
@@ -414,7 +417,7 @@ def test_unsafe_kernel_id_is_refused(spawn: Callable, launch_request: Callable, 
     run = spawn()
     run.send(launch_request(kernel_id=kernel_id))
     assert run.event()["reason"] == "request"
-    assert run.proc.wait(10) == supervisor.EXIT_LAUNCH_FAILED
+    assert run.proc.wait(10) == codes.EXIT_LAUNCH_FAILED
 
 
 def test_second_launch_of_a_running_id_is_refused(
@@ -425,7 +428,7 @@ def test_second_launch_of_a_running_id_is_refused(
     second.send(request)
     error = second.event()
     assert error["reason"] == "request" and "already supervised" in error["message"]
-    assert second.proc.wait(10) == supervisor.EXIT_LAUNCH_FAILED
+    assert second.proc.wait(10) == codes.EXIT_LAUNCH_FAILED
     assert Path(started["run_dir"], "kernel.json").exists()
     shut_down(run)
 

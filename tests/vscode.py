@@ -13,7 +13,7 @@ from pathlib import Path
 from jupyter_client import BlockingKernelClient
 
 from helpers import port_accepts, wait_like_vscode, wait_until
-from relaykernel.forward import KERNEL_PORT_NAMES
+from relaykernel.common.protocol import PORT_NAMES as KERNEL_PORT_NAMES
 from relaykernel.sandbox.processes import descendants, signal_all
 
 FIRST_PORT = 9000  # the extension looks for free ports from here up

@@ -131,9 +131,22 @@ class RelayOptions(LoggingConfigurable):
     ).tag(config=True)
 
     liveness_interval_seconds = Float(
+        1.0,
+        help="How often each end of the link says it is alive when it has nothing else to send (this also "
+        "renews the kernel's lease).",
+    ).tag(config=True)
+
+    link_timeout_seconds = Float(
         5.0,
-        help="How often the lease is renewed; a renewal that gets no answer within "
-        "command_timeout_seconds marks the link down and starts a reconnect.",
+        help="A link from which nothing at all has arrived for this long (a hang: connections open, bytes "
+        "stopped) is declared down and rebuilt; the kernel's streams resume on the new one.",
+    ).tag(config=True)
+
+    stream_buffer_mb = Float(
+        64.0,
+        help="Most data each end holds for the other while the link is down or slow (kernel output on the VM, "
+        "client requests here), in MB. When full, that end stops reading from the kernel (or the client), "
+        "so the kernel's own ZeroMQ high-water marks apply, as with a slow client of a local kernel.",
     ).tag(config=True)
 
     reconnect_max_backoff_seconds = Float(
@@ -260,6 +273,10 @@ class RelayOptions(LoggingConfigurable):
     def _check_sync_amounts(self, proposal: dict[str, Any]) -> float:
         return _at_least(proposal["trait"].name, proposal["value"], 0.001)
 
+    @validate("stream_buffer_mb")
+    def _check_stream_buffer(self, proposal: dict[str, Any]) -> float:
+        return _at_least("stream_buffer_mb", proposal["value"], 1.0)
+
     @validate("sync_max_files", "sync_max_delete_count")
     def _check_sync_counts(self, proposal: dict[str, Any]) -> int:
         return int(_at_least(proposal["trait"].name, proposal["value"], 1))
@@ -269,6 +286,7 @@ class RelayOptions(LoggingConfigurable):
         "command_timeout_seconds",
         "launch_timeout_seconds",
         "liveness_interval_seconds",
+        "link_timeout_seconds",
         "reconnect_max_backoff_seconds",
     )
     def _check_positive(self, proposal: dict[str, Any]) -> float:

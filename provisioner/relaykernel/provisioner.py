@@ -9,11 +9,12 @@ from typing import Any, cast
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from .common.errors import ConfigError, RelayKernelError
-from .forward import KERNEL_PORT_NAMES
+from .common.errors import ConfigError, OperationTimeout, RelayKernelError
+from .common.protocol import PORT_NAMES
 from .offload import run_blocking
 from .options import RelayOptions
 from .relayed import RelayedKernel
+from .sync.attach import sync_hooks
 
 _POLL_INTERVAL_SECONDS = 0.1
 
@@ -22,6 +23,7 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
     """Launch the kernel on the VM over SSH and hand the KernelManager local forwarded ports."""
 
     relayed: RelayedKernel | None = None
+    restored: dict[str, Any] | None = None  # the remote kernel's identity, from load_provisioner_info
 
     @property
     def has_process(self) -> bool:
@@ -42,16 +44,23 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
         if km is None:
             raise ConfigError("RelayProvisioner needs its KernelManager as parent (jupyter_client sets it)")
         if self.relayed is None:
-            self.relayed = RelayedKernel(self, kernel_id=self.kernel_id, sync_dir=self.sync_dir(kwargs.get("cwd")))
+            sync_dir = self.sync_dir(kwargs.get("cwd"))
+            self.relayed = RelayedKernel(self, kernel_id=self.kernel_id, sync_dir=sync_dir,
+                                         hooks=sync_hooks(self, sync_dir))
+        relayed = self.relayed
         try:
             ports = await run_blocking(
-                self.relayed.start,
+                relayed.start,
                 key=km.session.key,
                 signature_scheme=km.session.signature_scheme,
-                local_ports={name: getattr(km, name) for name in KERNEL_PORT_NAMES},
+                local_ports={name: getattr(km, name) for name in PORT_NAMES},
                 timeout_seconds=self._start_timeout_seconds(),
                 what=f"starting the kernel on {self.host}",
             )
+        except OperationTimeout:
+            relayed.cancel()  # the start still running in its thread fails at once and closes all it made
+            self.relayed = None
+            raise
         except BaseException:
             self.relayed = None  # start() has already closed whatever it opened
             raise
@@ -121,15 +130,17 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
     async def get_provisioner_info(self) -> dict[str, Any]:
         """What is needed to find this kernel again: the base info plus the remote kernel's identity."""
         info = await super().get_provisioner_info()
-        info["relay"] = {"host": self.host, "jump": self.jump, **(self.relayed.info() if self.relayed else {})}
+        remote = self.relayed.info() if self.relayed else (self.restored or {})
+        info["relay"] = {"host": self.host, "jump": self.jump, **remote}
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         """The inverse of get_provisioner_info."""
         await super().load_provisioner_info(provisioner_info)
-        relay = provisioner_info.get("relay", {})
-        self.host = relay.get("host", self.host)
-        self.jump = relay.get("jump", self.jump)
+        relay = dict(provisioner_info.get("relay", {}))
+        self.host = relay.pop("host", self.host)
+        self.jump = relay.pop("jump", self.jump)
+        self.restored = relay
 
     def resolve_path(self, path: str) -> str | None:
         """A path the kernel reported, as the local file in the mirrored work dir (``KernelManager.resolve_path``)."""

@@ -1,132 +1,110 @@
-"""Start, attach to, signal and stop the VM-side supervisor that owns one remote kernel."""
+"""The handshakes with the VM-side supervisor: launch a kernel, or attach to it again after a cut.
+
+Both run the bundled supervisor over one exec channel and speak JSON lines until the channel switches to the
+resumable streams (``{"op": "mux"}``); the channel and any bytes already read past that line go to the link.
+"""
 
 from __future__ import annotations
 
-import logging
+import functools
+import json
 import shlex
-import threading
-from importlib import resources
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
+from .bundle import vm_program
 from .common.errors import KERNEL, VM, LinkDown, RemoteLaunchError
-from .control import EOF_EVENT, ControlStream
-from .forward import KERNEL_PORT_NAMES
+from .common.protocol import PORT_NAMES, PROTOCOL_VERSION, RUN_ROOT
 from .ssh.chain import SSHChain
-from .vm.supervisor import BOOTSTRAP
 
-log = logging.getLogger(__name__)
-
-RUN_ROOT = "~/.relaykernel/run"
+SUPERVISOR = "relaykernel.vm.supervisor.main"
 _NOT_FOUND_STATUSES = {126, 127}
+_MAX_LINE_BYTES = 1 << 20
 
 
-def supervisor_script() -> bytes:
-    """The supervisor's source, sent to the VM as a script (it is never installed there)."""
-    return resources.files("relaykernel.vm").joinpath("supervisor.py").read_bytes()
+@functools.lru_cache(maxsize=1)
+def supervisor_program() -> bytes:
+    """The supervisor as one program (built once per process; it is the same for every kernel)."""
+    return vm_program(SUPERVISOR)
+
+
+@dataclass
+class Handshake:
+    """What a launch or an attach ended with: the supervisor's event, and the channel now carrying streams."""
+
+    event: dict[str, Any]
+    channel: Any = None
+    leftover: bytes = b""
+    resumed: bool = False
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {name: int(self.event["ports"][name]) for name in PORT_NAMES}
 
 
 class RemoteKernel:
-    """The client side of one supervisor: launch, re-attach after a cut, renew, signal, shut down."""
+    """One kernel's supervisor on the VM, as seen from the laptop: its id, its launch and its re-attaches."""
 
-    def __init__(self, chain: SSHChain, *, kernel_id: str, python_argv: list[str], timeout_seconds: float) -> None:
+    def __init__(self, chain: SSHChain, *, kernel_id: str, python_argv: list[str], timeout_seconds: float,
+                 window_bytes: int | None = None) -> None:
         self.chain = chain
         self.kernel_id = kernel_id
         self.python_argv = python_argv
         self.timeout_seconds = timeout_seconds
-        self.stream: ControlStream | None = None
+        self.window_bytes = window_bytes
         self.started: dict[str, Any] = {}
-        self._request_lock = threading.Lock()
 
-    @property
-    def ports(self) -> dict[str, int]:
-        return {name: int(self.started["ports"][name]) for name in KERNEL_PORT_NAMES}
-
-    def launch(self, request: dict[str, Any], timeout_seconds: float) -> dict[str, Any]:
-        """Start the supervisor and the kernel; the 'started' event, or RemoteLaunchError."""
-        stream = self._run_supervisor("launch")
-        stream.send({"mode": "launch", "kernel_id": self.kernel_id, "run_root": RUN_ROOT, **request})
-        event = stream.wait_for({"started"}, timeout_seconds)
+    def launch(self, request: dict[str, Any], mux: dict[str, Any], timeout_seconds: float) -> Handshake:
+        """Start the supervisor and the kernel, then switch to streams; RemoteLaunchError when it cannot."""
+        first = {"mode": "launch", "kernel_id": self.kernel_id, "run_root": RUN_ROOT, **request}
+        channel = self._run(first, mux)
+        reader = _LineReader(channel, time.monotonic() + timeout_seconds)
+        event = reader.next_event()
         if event is None or event.get("event") != "started":
-            failure = self._launch_failure(stream, event, timeout_seconds)
-            stream.close()
+            failure = self._launch_failure(channel, event, timeout_seconds)
+            channel.close()
             raise failure
-        self.stream, self.started = stream, event
-        return event
+        _check_protocol(self.chain.vm_label, event)
+        self.started = event
+        answer = reader.next_event()
+        if answer is None or answer.get("event") != "mux":
+            channel.close()
+            raise LinkDown(VM, self.chain.vm_label, "the supervisor did not switch to streams after starting",
+                           "relaykernel reconnects by itself")
+        return Handshake(event, channel, reader.leftover())
 
-    def attach(self) -> dict[str, Any]:
-        """Reconnect to the running supervisor; its status, or a final event when the kernel is gone."""
-        stream = self._run_supervisor("attach")
-        stream.send({"mode": "attach", "kernel_id": self.kernel_id, "run_root": RUN_ROOT})
-        event = stream.request({"op": "status"}, {"status"}, self.timeout_seconds)
-        if event is None or event.get("event") == EOF_EVENT:
-            stream.close()
-            raise LinkDown(VM, self.chain.vm_label, "re-attaching to the kernel's supervisor got no answer", "")
-        self._replace_stream(stream)
-        return event
+    def attach(self, mux: dict[str, Any]) -> Handshake:
+        """Reach the running supervisor again; its mux answer with the channel, or its 'gone' event."""
+        first = {"mode": "attach", "kernel_id": self.kernel_id, "run_root": RUN_ROOT}
+        channel = self._run(first, mux)
+        reader = _LineReader(channel, time.monotonic() + self.timeout_seconds)
+        event = reader.next_event()
+        if event is None:
+            channel.close()
+            raise LinkDown(VM, self.chain.vm_label, "re-attaching to the kernel's supervisor got no answer",
+                           "relaykernel retries by itself")
+        if event.get("event") != "mux":
+            channel.close()
+            return Handshake(event)
+        return Handshake(event, channel, reader.leftover(), resumed=bool(event.get("resumed")))
 
-    def renew(self) -> bool:
-        """Renew the lease; True when the supervisor answered (this is also the liveness probe)."""
-        event = self._request({"op": "renew"}, {"renewed"})
-        return event is not None and event.get("event") != EOF_EVENT
+    def _run(self, first: dict[str, Any], mux: dict[str, Any]) -> Any:
+        lines = (json.dumps(first) + "\n" + json.dumps({"op": "mux", **mux}) + "\n").encode()
+        return self.chain.start_program(self.python_argv, supervisor_program(), lines, window_bytes=self.window_bytes)
 
-    def signal(self, signum: int) -> None:
-        """Deliver a signal to the kernel's process group on the VM."""
-        event = self._request({"op": "signal", "signum": int(signum)}, {"signalled"})
-        if event is None or event.get("event") == EOF_EVENT:
-            raise LinkDown(KERNEL, self.chain.vm_label, f"signal {signum} could not be delivered", "")
-
-    def shutdown(self) -> int | None:
-        """Stop the kernel (TERM, then KILL on the VM) and remove its files; its exit status."""
-        event = self._request({"op": "shutdown"}, {"exited"})
-        return self.exit_status() if event is None else _status_of(event)
-
-    def exit_status(self) -> int | None:
-        """The kernel's exit status once the supervisor reported its end, else None."""
-        final = self.stream.final_event if self.stream else None
-        return None if final is None else _status_of(final)
-
-    def link_lost(self) -> bool:
-        """True when the control channel has closed (the supervisor lives on under its lease)."""
-        return self.stream is None or self.stream.closed.is_set()
-
-    def close(self) -> None:
-        """Close the control channel; the supervisor keeps the kernel until shutdown or lease end."""
-        if self.stream is not None:
-            self.stream.close()
-
-    def _request(self, message: dict[str, Any], answers: set[str]) -> dict[str, Any] | None:
-        with self._request_lock:
-            if self.stream is None:
-                return None
-            return self.stream.request(message, answers, self.timeout_seconds)
-
-    def _replace_stream(self, stream: ControlStream) -> None:
-        old, self.stream = self.stream, stream
-        if old is not None:
-            old.close()
-
-    def _run_supervisor(self, purpose: str) -> ControlStream:
-        channel = self.chain.open_session()
-        channel.settimeout(None)
-        channel.exec_command(shlex.join([*self.python_argv, "-c", BOOTSTRAP]))
-        stream = ControlStream(channel, name=f"{purpose}-{self.kernel_id[:8]}")
-        script = supervisor_script()
-        stream.send_raw(b"%d\n" % len(script) + script)
-        return stream
-
-    def _launch_failure(
-        self, stream: ControlStream, event: dict[str, Any] | None, timeout_seconds: float
-    ) -> RemoteLaunchError:
+    def _launch_failure(self, channel: Any, event: dict[str, Any] | None, timeout_seconds: float) -> RemoteLaunchError:
         where = self.chain.vm_label
         python = shlex.join(self.python_argv)
-        if event is None:
+        if event is not None and event.get("event") == "error":
+            return _supervisor_error(where, python, event)
+        status, stderr = _exit_status(channel), _stderr(channel)
+        if event is None and status is None:
             return RemoteLaunchError(
                 KERNEL, where, f"the kernel did not report its ports within {timeout_seconds:g} s",
                 "raise launch_timeout_seconds, or check the VM's load",
             )
-        if event.get("event") == "error":
-            return _supervisor_error(where, python, event)
-        status, stderr = stream.exit_status(), stream.stderr_text()
         if status in _NOT_FOUND_STATUSES:
             return RemoteLaunchError(
                 VM, where, f"remote python {python!r} could not be run ({stderr or f'exit {status}'})",
@@ -136,6 +114,64 @@ class RemoteKernel:
             VM, where, f"the supervisor ended before starting the kernel (exit {status}): {stderr[-500:]}",
             f"check that {python!r} on the VM is Python 3.8 or newer",
         )
+
+
+class _LineReader:
+    """JSON event lines from a channel until a deadline; keeps what follows the last line read."""
+
+    def __init__(self, channel: Any, deadline: float) -> None:
+        self.channel = channel
+        self.deadline = deadline
+        self.buffer = b""
+
+    def next_event(self) -> dict[str, Any] | None:
+        while b"\n" not in self.buffer:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or len(self.buffer) > _MAX_LINE_BYTES:
+                return None
+            try:
+                self.channel.settimeout(left)
+                data = self.channel.recv(65536)
+            except (OSError, EOFError):
+                return None
+            if not data:
+                return None
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return {"event": "error", "reason": "request", "message": line[:300].decode(errors="replace")}
+        return event if isinstance(event, dict) else None
+
+    def leftover(self) -> bytes:
+        return self.buffer
+
+
+def _check_protocol(where: str, event: dict[str, Any]) -> None:
+    theirs = event.get("protocol")
+    if theirs != PROTOCOL_VERSION:
+        raise RemoteLaunchError(VM, where, f"the VM's supervisor speaks protocol {theirs}, this laptop "
+                                f"{PROTOCOL_VERSION}", "this cannot happen with a bundled supervisor; report it")
+
+
+def _exit_status(channel: Any, timeout_seconds: float = 2.0) -> int | None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if channel.exit_status_ready():
+            return int(channel.recv_exit_status())
+        time.sleep(0.02)
+    return None
+
+
+def _stderr(channel: Any) -> str:
+    chunks = []
+    try:
+        while channel.recv_stderr_ready():
+            chunks.append(channel.recv_stderr(65536))
+    except (OSError, EOFError):
+        pass
+    return b"".join(chunks).decode(errors="replace").strip()
 
 
 def _supervisor_error(where: str, python: str, event: dict[str, Any]) -> RemoteLaunchError:
@@ -150,6 +186,7 @@ def _supervisor_error(where: str, python: str, event: dict[str, Any]) -> RemoteL
     return RemoteLaunchError(hop, where, message or f"launch failed ({reason})", fixes.get(reason, ""))
 
 
-def _status_of(event: dict[str, Any]) -> int:
+def exit_status_of(event: dict[str, Any]) -> int:
+    """The kernel's exit status from a final event ('exited' carries it; 'gone' means it ended unseen)."""
     status = event.get("status")
     return int(status) if isinstance(status, int) else 1

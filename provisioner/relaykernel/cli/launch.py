@@ -13,10 +13,11 @@ import uuid
 from typing import Any
 
 from ..common.errors import ConfigError
-from ..forward import KERNEL_PORT_NAMES
+from ..common.protocol import PORT_NAMES as KERNEL_PORT_NAMES
 from ..logs import step
 from ..portable import on_stop_signals, pid_alive
 from ..relayed import RelayedKernel
+from ..sync.attach import sync_hooks
 from .options_args import add_flags, options_for
 
 _WATCH_SECONDS = 0.5
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     options.require_host()
     info = read_connection_file(args.connection_file)
     sync_dir = options.sync_dir(os.getcwd())
-    relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex, sync_dir=sync_dir)
+    relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex, sync_dir=sync_dir,
+                            hooks=sync_hooks(options, sync_dir))
     ended = threading.Event()
     _install_signal_handlers(relayed, ended)
     local_ports = {name: int(info[name]) for name in KERNEL_PORT_NAMES}

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import paramiko
 from paramiko import ProxyCommand
+from paramiko.common import cMSG_CHANNEL_REQUEST
 
 from ..common.errors import RELAY, VM, ConnectError, ForwardRefused, HopError, LinkDown
+from ..common.protocol import BOOTSTRAP
 from .auth import authenticate
 from .config import HopSettings
 from .hostkeys import KnownHosts, fingerprint
@@ -100,6 +104,11 @@ class SSHChain:
         finally:
             channel.close()
 
+    def relays_active(self) -> bool:
+        """True while every jump hop's Transport is up (the VM hop may be down)."""
+        relays = self._transports[: len(self.hops) - 1]
+        return len(relays) == len(self.hops) - 1 and all(t.is_active() for t in relays)
+
     def is_active(self) -> bool:
         """True while every hop's Transport is up."""
         transports = self._transports
@@ -116,13 +125,33 @@ class SSHChain:
         """A direct-tcpip channel from the VM to remote_host:remote_port (the VM's own loopback)."""
         return self._open_direct(self.vm_transport(), len(self.hops) - 1, remote_host, remote_port)
 
-    def open_session(self) -> paramiko.Channel:
-        """A session channel on the VM, for exec."""
+    def open_session(self, window_bytes: int | None = None) -> paramiko.Channel:
+        """A session channel on the VM, for exec; ``window_bytes`` bounds what the VM may send ahead of our reads."""
         transport = self.vm_transport()
         try:
-            return transport.open_session(timeout=self.policy.channel_timeout_seconds)
+            return transport.open_session(window_size=window_bytes, timeout=self.policy.channel_timeout_seconds)
         except (paramiko.SSHException, OSError, EOFError) as error:
-            raise LinkDown(VM, self.vm_label, f"could not open a session: {_reason(error)}", "") from None
+            raise LinkDown(VM, self.vm_label, f"could not open a session: {_reason(error)}",
+                           "relaykernel reconnects by itself; if this persists, check the VM's tunnel") from None
+
+    def start_program(self, python_argv: Sequence[str], program: bytes, first_lines: bytes = b"", *,
+                      window_bytes: int | None = None) -> paramiko.Channel:
+        """Run a bundled VM program (``relaykernel.bundle``) and send it ``first_lines``: the one way to run code there.
+
+        The exec request goes without waiting for its reply, with the program and the first lines right behind it,
+        so starting costs the session open and no further round trip. A python that cannot run shows up as the
+        channel closing with status 126/127 and the shell's message on stderr.
+        """
+        channel = self.open_session(window_bytes)
+        command = shlex.join([*python_argv, "-c", BOOTSTRAP])
+        try:
+            _exec_without_waiting(channel, command)
+            channel.sendall(b"%d\n" % len(program) + program + first_lines)
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            channel.close()
+            raise LinkDown(VM, self.vm_label, f"starting a program on the VM failed: {_reason(error)}",
+                           "relaykernel reconnects by itself; if this persists, check the VM's tunnel") from None
+        return channel
 
     def fetch_vm_host_key(self) -> paramiko.PKey:
         """The VM's host key, seen through the (verified) relays, without trusting or logging in (for trust)."""
@@ -224,10 +253,13 @@ class SSHChain:
         timeout = hop.connect_timeout_seconds or self.policy.connect_timeout_seconds
         try:
             transport.start_client(timeout=timeout)
+            if not transport.is_active() or transport.host_key is None:  # start_client's timeout returns quietly
+                raise paramiko.SSHException(f"no answer within {timeout:g} s")
         except (paramiko.SSHException, OSError, EOFError) as error:
             transport.close()
             raise ConnectError(
-                name, describe(hop), f"SSH handshake failed: {error}", "is an SSH server listening there?"
+                name, describe(hop), f"SSH handshake failed: {error or type(error).__name__}",
+                "is an SSH server listening there, and is the path to it up?"
             ) from None
         self._check_host_key(transport, index, known)
         return transport
@@ -256,6 +288,17 @@ class SSHChain:
         )
         thread.start()
         self._nodelay_threads.append(thread)
+
+
+def _exec_without_waiting(channel: paramiko.Channel, command: str) -> None:
+    """paramiko's exec_command without its wait for the reply (want-reply false): the data can follow at once."""
+    message = paramiko.Message()
+    message.add_byte(cMSG_CHANNEL_REQUEST)
+    message.add_int(channel.remote_chanid)
+    message.add_string("exec")
+    message.add_boolean(False)
+    message.add_string(command)
+    channel.transport._send_user_message(message)
 
 
 def _exec_true(transport: paramiko.Transport, timeout: float) -> None:

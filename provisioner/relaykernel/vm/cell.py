@@ -19,6 +19,7 @@ from typing import Any
 
 from ..common.destination import Destination
 from ..common.errors import VM, VMSetupError
+from ..common.protocol import RUN_ROOT
 from .checkpoint import DEFAULT_PATTERNS, Checkpointer, save_settings
 from .checkpoint_schedule import CheckpointSchedule
 from .keys import KeyPair, stable_key
@@ -26,7 +27,6 @@ from .notebook_env import capture_notebook_env
 from .platforms import PLATFORMS, Platform
 from .sshd import SshdInfo, ensure_sshd
 from .status import VMStatus, gpu_summary, kernel_leases, runtime_left_seconds
-from .supervisor import LAUNCH_DEFAULTS
 from .tunnel import UP, TunnelSupervisor
 
 HOST_KEY_NAME = "ssh_host_ed25519_key"
@@ -164,7 +164,7 @@ class HeartbeatCell:
         return VMStatus(
             at=time.time(), platform=self.settings.platform.name, relay=self.settings.relay,
             remote_port=self.settings.remote_port, tunnel=self.tunnel.state,
-            kernels=kernel_leases(str(LAUNCH_DEFAULTS["run_root"])), gpu=gpu_summary(),
+            kernels=kernel_leases(RUN_ROOT), gpu=gpu_summary(),
             runtime_left_seconds=runtime_left_seconds(self.settings.platform.runtime_limit_hours),
         )
 

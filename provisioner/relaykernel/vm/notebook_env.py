@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Mapping
 
-from .supervisor import NOTEBOOK_ENV_FILE
+from ..common.protocol import NOTEBOOK_ENV_FILE
 
 # What belongs to this process or its login and would be wrong in another one.
 _SKIPPED_NAMES = frozenset({

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .supervisor import CONTROL_SOCKET
+from ..common.protocol import CONTROL_SOCKET
 from .tunnel import TunnelState
 
 _PEEK_SECONDS = 1.0
