@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from relaykernel.common.mux import STREAM_WINDOW_BYTES, Mux, ProtocolError, encode
+from relaykernel.common.mux import Mux, ProtocolError, encode
 
 
 class Pair:
@@ -89,16 +89,17 @@ def test_close_and_open_survive_a_cut() -> None:
 
 
 def test_a_stalled_consumer_does_not_block_other_streams() -> None:
-    pair = Pair()
+    window = 1 << 20
+    pair = Pair(stream_window_bytes=window)
     pair.laptop.open(1, "iopub_port")
     pair.laptop.open(2, "shell_port")
     pair.pump()
-    pair.vm.send(1, b"x" * (3 * STREAM_WINDOW_BYTES))
+    pair.vm.send(1, b"x" * (3 * window))
     pair.pump(consume=False)  # nobody reads iopub on the laptop
     pair.vm.send(2, b"reply")
     pair.pump(consume=False)
     assert pair.got["laptop"][2] == b"reply"
-    assert len(pair.got["laptop"][1]) == STREAM_WINDOW_BYTES, "iopub stops at its window"
+    assert len(pair.got["laptop"][1]) == window, "iopub stops at its window"
 
 
 def test_control_frames_are_not_replayed() -> None:
@@ -114,3 +115,11 @@ def test_a_resume_outside_the_log_is_a_protocol_error() -> None:
     mux = Mux()
     with pytest.raises(ProtocolError):
         mux.feed(encode(15, 0, (10**9).to_bytes(8, "big")))
+
+
+def test_a_control_request_made_during_a_cut_goes_out_on_the_next_transport() -> None:
+    pair = Pair()
+    pair.laptop.control({"op": "signal", "signum": 2})  # queued while no transport carries it
+    pair.cut()
+    pair.pump()
+    assert pair.controls == [{"op": "signal", "signum": 2}]

@@ -24,6 +24,7 @@ from .common.errors import LOCAL, ConfigError, ForwardBindError
 from .common.mux import Mux, ProtocolError
 from .common.protocol import PORT_NAMES
 from .common.reactor import Reactor
+from .pacing import WindowSizer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class StreamLink:
 
     def __init__(self, *, local_ports: Mapping[str, int], buffer_limit_bytes: int, keepalive_seconds: float,
                  silence_seconds: float, on_down: Callable[[str], None] = lambda why: None,
-                 on_final: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
+                 on_final: Callable[[dict[str, Any]], None] = lambda event: None,
+                 resize_window: Callable[[Any, int], None] | None = None) -> None:
         missing = [name for name in PORT_NAMES if name not in local_ports]
         if missing:
             raise ConfigError(f"local_ports lacks {', '.join(missing)}: give all of {', '.join(PORT_NAMES)}")
@@ -78,6 +80,8 @@ class StreamLink:
         self.on_down, self.on_final = on_down, on_final
         self.accepted: dict[str, int] = dict.fromkeys(PORT_NAMES, 0)  # by port: clients never need to reconnect
         self.rtt_seconds: float | None = None
+        self.window = WindowSizer()
+        self._resize_window = resize_window  # None: the transport's window is left as it was opened
         self._lock = threading.RLock()
         self._wake_writer = threading.Condition(self._lock)
         self._reactor = Reactor()
@@ -233,6 +237,7 @@ class StreamLink:
                     mux.flush_acks()
                     mux.ping(time.monotonic_ns())
                     self._wake_writer.notify()
+                    self._size_window()
                 return
             self._drop_transport()
         self.on_down(f"nothing heard from the VM for {silent:.1f} s")
@@ -312,6 +317,7 @@ class StreamLink:
                 data = b""
             if data:
                 self._last_heard = time.monotonic()
+                self.window.observe_bytes(len(data))
                 self._handle(data)
                 self._wake_writer.notify()
                 return
@@ -340,6 +346,7 @@ class StreamLink:
                 self._on_control(value)
             elif kind == "pong":
                 self.rtt_seconds = (time.monotonic_ns() - int(value)) / 1e9
+                self.window.observe_rtt(self.rtt_seconds)
 
     def _on_control(self, event: dict[str, Any]) -> None:
         name = event.get("event")
@@ -351,6 +358,13 @@ class StreamLink:
                 break
         if name in _FINAL_EVENTS:
             self.on_final(event)
+
+    def _size_window(self) -> None:
+        before, after = self.window.window, self.window.update()
+        if after != before and self._resize_window is not None and self._transport is not None:
+            log.debug("receive window %d -> %d bytes (round trip %.1f ms)", before, after,
+                      (self.rtt_seconds or 0) * 1e3)
+            self._resize_window(self._transport, after)
 
     def _drain_wakeups(self) -> None:
         try:
@@ -394,6 +408,8 @@ class StreamLink:
         self._transport_fd = transport.fileno()
         self._last_heard = time.monotonic()
         self._reactor.set(self._transport_fd, self._on_transport_readable)
+        if self._resize_window is not None:
+            self._resize_window(transport, self.window.window)
         if leftover:
             self._handle(leftover)
 

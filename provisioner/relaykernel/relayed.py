@@ -19,6 +19,7 @@ from .options import RelayOptions
 from .remote import Handshake, RemoteKernel, exit_status_of
 from .ssh.chain import ChainPolicy, SSHChain
 from .ssh.config import SSHConfigResolver
+from .ssh.window import resize_receive_window
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class RelayedKernel:
                 local_ports=local_ports, buffer_limit_bytes=int(self.options.stream_buffer_mb * 1e6),
                 keepalive_seconds=self.options.liveness_interval_seconds,
                 silence_seconds=self.options.link_timeout_seconds,
-                on_down=self._link_down, on_final=self._on_final,
+                on_down=self._link_down, on_final=self._on_final, resize_window=resize_receive_window,
             )
             self.link.start()
         return dict(self.link.local_ports)
@@ -149,21 +150,24 @@ class RelayedKernel:
         """A shutdown was requested: nothing to do here; the kernel's end closes its streams."""
 
     def stop_kernel(self) -> int | None:
-        """Stop the remote kernel and its supervisor; keep the link and the listeners (for a restart)."""
-        with self._lock:
-            keeper, self.keeper = self.keeper, None
-            remote, self.remote = self.remote, None
-        if keeper is not None:
-            keeper.stop()
-        if remote is None:
-            return None
+        """Stop the remote kernel and its supervisor; keep the link and the listeners (for a restart).
+
+        The shutdown request rides the streams' channel while the keeper still runs, so a link that is being
+        rebuilt still carries it; only then does the keeper stop.
+        """
+        remote = self.remote
         status = self.poll()
-        if status is None and self.link is not None:
+        if remote is not None and status is None and self.link is not None:
             event = self.link.request({"op": "shutdown"}, {"exited"}, self.options.command_timeout_seconds)
             status = exit_status_of(event) if event is not None and event.get("event") == "exited" else None
             if status is None:
                 log.warning("the kernel on %s did not confirm its shutdown; its lease (%g s) ends it",
                             remote.chain.vm_label, self.options.lease_seconds)
+        with self._lock:
+            keeper, self.keeper = self.keeper, None
+            self.remote = None
+        if keeper is not None:
+            keeper.stop()
         if self.link is not None:
             self.link.end_session()
         return status

@@ -28,7 +28,7 @@ CONTROL, ACK, CREDIT, PING, PONG, RESUME = 10, 11, 12, 13, 14, 15  # per transpo
 RELIABLE = (OPEN, DATA, CLOSE)
 
 FRAME_PAYLOAD_BYTES = 64 * 1024
-STREAM_WINDOW_BYTES = 4 * 1024 * 1024
+STREAM_WINDOW_BYTES = 16 * 1024 * 1024  # at least the largest SSH window (pacing.py): never the cap
 ACK_EVERY_BYTES = 256 * 1024
 MAX_PAYLOAD_BYTES = 1 << 24
 
@@ -137,10 +137,12 @@ class Mux:
     def new_transport(self) -> None:
         """A fresh transport replaces the old one: say how far we got; hold stream frames until the peer does."""
         self._inbuf.clear()
+        controls = [frame for frame in self._urgent if frame[0] == CONTROL]  # requests made during the cut still go
         self._urgent.clear()
         self._resend.clear()
         self._awaiting_resume = True
         self._urgent.append(encode(RESUME, 0, OFFSET.pack(self.received)))
+        self._urgent.extend(controls)
         self._ack_announced = self.received
         for stream, state in self._streams.items():
             self._credit(stream, state)

@@ -1,0 +1,65 @@
+"""Size the kernel channel's receive window to the measured link: full speed, without a long queue before replies.
+
+Delay-based, in the manner of LEDBAT: the round trip of the link's keepalive pings rises when bytes queue on the
+path. While the queueing delay stays under ``queue_target_seconds`` and the window limits the rate (bytes in
+flight, rate × round trip, fill most of it), the window doubles up to ``maximum_bytes``; when the delay rises past
+the target it shrinks toward rate × (base round trip + target), never below ``minimum_bytes``. On loopback the
+window never limits, so it stays at its initial size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+INITIAL_BYTES = 2 * 1024 * 1024
+MINIMUM_BYTES = 256 * 1024
+MAXIMUM_BYTES = 8 * 1024 * 1024
+QUEUE_TARGET_SECONDS = 0.05
+BASE_RTT_MEMORY_SECONDS = 60.0
+
+
+class WindowSizer:
+    """Feed it round-trip samples and received byte counts; ask it for the window now and then."""
+
+    def __init__(self, *, initial_bytes: int = INITIAL_BYTES, minimum_bytes: int = MINIMUM_BYTES,
+                 maximum_bytes: int = MAXIMUM_BYTES, queue_target_seconds: float = QUEUE_TARGET_SECONDS) -> None:
+        self.window = initial_bytes
+        self.minimum_bytes = minimum_bytes
+        self.maximum_bytes = maximum_bytes
+        self.queue_target_seconds = queue_target_seconds
+        self._rtts: deque[tuple[float, float]] = deque()  # (when, round trip)
+        self._received = 0
+        self._since = time.monotonic()
+        self._latest_rtt: float | None = None
+
+    def observe_rtt(self, seconds: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._rtts.append((now, seconds))
+        self._latest_rtt = seconds
+        while self._rtts and self._rtts[0][0] < now - BASE_RTT_MEMORY_SECONDS:
+            self._rtts.popleft()
+
+    def observe_bytes(self, count: int) -> None:
+        self._received += count
+
+    @property
+    def base_rtt(self) -> float | None:
+        return min(rtt for _, rtt in self._rtts) if self._rtts else None
+
+    def update(self, now: float | None = None) -> int:
+        """The window for the next interval, from what was seen since the last call."""
+        now = time.monotonic() if now is None else now
+        elapsed, received = max(now - self._since, 1e-3), self._received
+        self._since, self._received = now, 0
+        base, latest = self.base_rtt, self._latest_rtt
+        if base is None or latest is None:
+            return self.window
+        rate = received / elapsed
+        if latest > base + self.queue_target_seconds:
+            fitting = max(self.minimum_bytes, int(rate * (base + self.queue_target_seconds)))
+            if self.window > fitting:
+                self.window = max(fitting, self.window // 2)
+        elif rate * latest >= 0.6 * self.window:
+            self.window = min(self.maximum_bytes, self.window * 2)
+        return self.window

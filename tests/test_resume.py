@@ -1,0 +1,256 @@
+"""A link drop loses nothing: every line, reply and idle arrives once and in order, and the next cell just works.
+
+Each fault runs on a topology of its own with the link emulator on the laptop↔relay leg, while a cell prints
+numbered lines at 10 Hz: the laptop leg blackholed or reset, the VM's tunnel killed and restarted, the relay's sshd
+restarted, the VM leg hung. The default (short) variants take a few seconds each; ``-m slow`` runs the issue's
+full lengths (10 s and 90 s outages, 300 lines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faults import Blackhole, Fault, RelayDown, TunnelDown, hang_vm_bridge
+from linkemu import LinkEmulator, through_link
+
+from helpers import execute, kernel_manager, relay_config, vm_pids, wait_until
+
+pytestmark = pytest.mark.usefixtures("no_ssh_agent")
+
+LINE = re.compile(r"line (\d+)")
+FAST_LINK = {"liveness_interval_seconds": 0.5, "link_timeout_seconds": 2.0, "command_timeout_seconds": 5.0,
+             "connect_timeout_seconds": 3.0, "reconnect_max_backoff_seconds": 1.0}
+
+
+@pytest.fixture
+def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+@dataclass
+class Path_:
+    """The topology, the emulator in front of its relay, and the SandboxInfo that goes through the emulator."""
+
+    sandbox: Any
+    emulator: LinkEmulator
+    info: Any
+
+
+@pytest.fixture(scope="module")
+def path(topology_class: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path_]:
+    sandbox = topology_class()
+    sandbox.start()
+    emulator = LinkEmulator(sandbox.relay_sshd.port, delay_ms=5.0).start()
+    try:
+        yield Path_(sandbox, emulator, through_link(sandbox.info, emulator, tmp_path_factory.mktemp("emulated")))
+    finally:
+        emulator.stop()
+        sandbox.stop()
+
+
+class ResetOnce(Fault):
+    """The laptop leg's connections are closed at once (a killed transport); nothing to undo."""
+
+    def __init__(self, emulator: LinkEmulator, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.emulator = emulator
+
+    def _begin(self) -> None:
+        self.emulator.reset()
+
+    def _finish(self) -> None:
+        pass
+
+
+FAULTS: dict[str, Callable[[Path_], Fault]] = {
+    "laptop-leg-blackhole": lambda p: Blackhole(p.emulator),
+    "laptop-leg-reset": lambda p: ResetOnce(p.emulator),
+    "vm-tunnel-restart": lambda p: TunnelDown(p.sandbox),
+    "relay-restart": lambda p: RelayDown(p.sandbox),
+    "vm-leg-hang": lambda p: hang_vm_bridge(p.sandbox),
+}
+
+
+@dataclass
+class CellOutcome:
+    lines: list[int] = field(default_factory=list)
+    reply: dict[str, Any] | None = None
+    idle: bool = False
+    link_back_at: float = 0.0
+
+
+def run_through_fault(client: Any, fault: Fault, *, lines: int, outage_seconds: float,
+                      start_after_seconds: float = 1.0) -> CellOutcome:
+    """Run a cell printing ``lines`` numbered lines at 10 Hz; the fault holds from 1 s in for ``outage_seconds``."""
+    code = f"import time\nfor i in range({lines}):\n    print(f'line {{i}}', flush=True)\n    time.sleep(0.1)\n"
+    outcome = CellOutcome()
+    msg_id = client.execute(code)
+    ended = threading.Event()
+
+    def hold() -> None:
+        time.sleep(start_after_seconds)
+        with fault:
+            time.sleep(outage_seconds)
+        outcome.link_back_at = time.monotonic()
+        ended.set()
+
+    holder = threading.Thread(target=hold, name="test-fault-holder", daemon=True)
+    holder.start()
+    deadline = time.monotonic() + lines * 0.1 + outage_seconds + 90
+    while not outcome.idle and time.monotonic() < deadline:
+        try:
+            message = client.get_iopub_msg(timeout=1.0)
+        except queue.Empty:
+            continue
+        if message["parent_header"].get("msg_id") != msg_id:
+            continue
+        if message["msg_type"] == "stream":
+            outcome.lines += [int(number) for number in LINE.findall(message["content"]["text"])]
+        elif message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+            outcome.idle = True
+    while outcome.reply is None and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            reply = client.get_shell_msg(timeout=1.0)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                outcome.reply = reply["content"]
+    holder.join(outage_seconds + 30)
+    assert ended.is_set(), "the fault did not end"
+    return outcome
+
+
+@pytest.fixture
+def relay_kernel(path: Path_, tmp_path: Path) -> Iterator[Any]:
+    config = relay_config(path.info, tmp_path, lease_seconds=120.0, **FAST_LINK)
+    km = kernel_manager(tmp_path, config)
+    km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    client.wait_for_ready(timeout=30)
+    yield km, client
+    client.stop_channels()
+    if km.has_kernel:
+        km.shutdown_kernel(now=True)
+
+
+def check_whole(km: Any, client: Any, outcome: CellOutcome, lines: int, accepted_before: dict[str, int]) -> float:
+    """Everything arrived once and in order, the kernel kept its state, no client socket reconnected."""
+    assert outcome.lines == list(range(lines)), f"lost or repeated lines: got {len(outcome.lines)} of {lines}"
+    assert outcome.idle, "the cell's final idle never arrived"
+    assert outcome.reply is not None and outcome.reply["status"] == "ok", "the cell's execute_reply never arrived"
+    out, reply = execute(client, "print(before)", timeout_seconds=60)
+    next_cell_seconds = time.monotonic() - outcome.link_back_at
+    assert (out.strip(), reply["status"]) == ("kept", "ok"), "the kernel's state did not survive"
+    link = km.provisioner.relayed.link
+    accepted = {name: n for name, n in link.accepted.items() if name != "hb_port"}  # hb re-makes REQ when late
+    assert accepted == {name: accepted_before[name] for name in accepted}, "a client socket saw a disconnect"
+    return next_cell_seconds
+
+
+@pytest.mark.parametrize("fault_name", sorted(FAULTS))
+def test_a_fault_mid_cell_loses_nothing(path: Path_, relay_kernel: Any, fault_name: str) -> None:
+    km, client = relay_kernel
+    execute(client, "before = 'kept'")
+    accepted_before = dict(km.provisioner.relayed.link.accepted)
+    outcome = run_through_fault(client, FAULTS[fault_name](path), lines=40, outage_seconds=3.0)
+    seconds = check_whole(km, client, outcome, 40, accepted_before)
+    print(f"{fault_name}: next cell {seconds:.2f} s after the link was back")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outage_seconds", [10.0, 90.0])
+@pytest.mark.parametrize("fault_name", sorted(FAULTS))
+def test_a_long_fault_mid_cell_loses_nothing(path: Path_, relay_kernel: Any, fault_name: str,
+                                             outage_seconds: float) -> None:
+    km, client = relay_kernel
+    execute(client, "before = 'kept'")
+    accepted_before = dict(km.provisioner.relayed.link.accepted)
+    outcome = run_through_fault(client, FAULTS[fault_name](path), lines=300, outage_seconds=outage_seconds)
+    seconds = check_whole(km, client, outcome, 300, accepted_before)
+    print(f"{fault_name} {outage_seconds:g} s: next cell {seconds:.2f} s after the link was back")
+
+
+@pytest.mark.parametrize("fault_name", ["laptop-leg-blackhole", "vm-tunnel-restart"])
+def test_input_waiting_across_a_cut_gets_its_answer(path: Path_, relay_kernel: Any, fault_name: str) -> None:
+    km, client = relay_kernel
+    client.allow_stdin = True
+    msg_id = client.execute("answer = input('name? ')\nprint('hello', answer)", allow_stdin=True)
+    request = client.get_stdin_msg(timeout=30)
+    assert request["content"]["prompt"] == "name? "
+    with FAULTS[fault_name](path):
+        time.sleep(3.0)
+    client.input("relay")
+    texts = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        message = client.get_iopub_msg(timeout=60)
+        if message["parent_header"].get("msg_id") != msg_id:
+            continue
+        if message["msg_type"] == "stream":
+            texts.append(message["content"]["text"])
+        if message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+            break
+    assert "".join(texts).strip() == "hello relay"
+
+
+def test_an_outage_longer_than_the_lease_ends_plainly(path: Path_, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    config = relay_config(path.info, tmp_path, lease_seconds=3.0, **FAST_LINK)
+    km = kernel_manager(tmp_path, config)
+    km.start_kernel()
+    try:
+        relayed = km.provisioner.relayed
+        pid = relayed.info()["remote_pid"]
+        with Blackhole(path.emulator):
+            assert wait_until(lambda: relayed.keeper.is_down, 10), "the hang went unnoticed"
+            time.sleep(6.0)  # the lease (3 s) runs out on the VM meanwhile
+        assert wait_until(lambda: relayed.poll() is not None, 30), "poll() never reported the end"
+        assert relayed.poll() != 0
+        assert any("while the link was down" in record.getMessage() and "lease expired" in record.getMessage()
+                   for record in caplog.records), "the log must say the lease ran out during the outage"
+        assert wait_until(lambda: not vm_pids(path.sandbox.info, str(pid)), 10) is not False
+        assert not vm_pids(path.sandbox.info, f"run/{relayed.kernel_id}"), "something was left on the VM"
+    finally:
+        km.shutdown_kernel(now=True)
+
+
+def test_output_during_a_cut_stays_within_the_buffer_limit(path: Path_, tmp_path: Path) -> None:
+    limit_mb = 4.0
+    config = relay_config(path.info, tmp_path, lease_seconds=60.0, stream_buffer_mb=limit_mb, **FAST_LINK)
+    km = kernel_manager(tmp_path, config)
+    km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=30)
+        relayed = km.provisioner.relayed
+        code = "import sys, time\nend = time.time() + 6\nwhile time.time() < end:\n    print('x' * 1000)\n"
+        msg_id = client.execute(code)
+        with Blackhole(path.emulator):
+            time.sleep(1.0)
+            for _ in range(3):
+                time.sleep(1.0)
+                assert relayed.link.buffered_bytes() <= limit_mb * 1e6 + 2**20
+        # the VM side reports what it held: within the limit (plus one read)
+        status = relayed.link.request({"op": "status"}, {"status"}, 30)
+        assert status is not None and status["buffered_bytes"] <= limit_mb * 1e6 + 2**20
+        idle = False
+        deadline = time.monotonic() + 60
+        while not idle and time.monotonic() < deadline:
+            message = client.get_iopub_msg(timeout=30)
+            idle = (message["parent_header"].get("msg_id") == msg_id and message["msg_type"] == "status"
+                    and message["content"]["execution_state"] == "idle")
+        assert idle, "the stream stayed consistent: the cell's idle arrived after the cut"
+        out, reply = execute(client, "print(1 + 1)")
+        assert (out.strip(), reply["status"]) == ("2", "ok")
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
