@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults import Blackhole, Fault, RelayDown, TunnelDown, hang_vm_bridge
-from linkemu import LinkEmulator, through_link
 
+from faults import Blackhole, Fault, RelayDown, TunnelDown, hang_vm_bridge
 from helpers import execute, kernel_manager, relay_config, vm_pids, wait_until
+from linkemu import LinkEmulator, through_link
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 
