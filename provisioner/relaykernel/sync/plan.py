@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,12 +45,14 @@ def plan_initial(local_root: Path, local: dict[str, LocalFile], remote: RemoteLi
         elif mine is not None and mine[:2] == there and here == there:
             plan.synced[path], plan.hashes[path] = there, mine[2]  # we wrote it, neither side changed it since
         elif mine is not None and mine[:2] == there:
-            _compare(plan, local_root, file, mine[2])  # the VM's copy is ours: its hash is known
+            _compare(plan, file, sha256_of(local_root / path), mine[2])  # the VM's copy is ours: hash known
         else:
             ask.append(path)
-    theirs = remote_hashes(ask)
-    for path in ask:
-        _compare(plan, local_root, local[path], theirs.get(path))
+    with ThreadPoolExecutor(max_workers=2) as pool:  # hash here while the VM hashes there
+        ours = pool.map(lambda path: sha256_of(local_root / path), ask)
+        theirs = remote_hashes(ask)
+        for path, digest in zip(ask, ours):
+            _compare(plan, local[path], digest, theirs.get(path))
     for path, (size, mtime_ns, _) in sorted(remote.manifest.items()):
         there = remote.files.get(path)
         if path in local or there is None or (local_root / path).exists():
@@ -62,8 +65,7 @@ def plan_initial(local_root: Path, local: dict[str, LocalFile], remote: RemoteLi
     return plan
 
 
-def _compare(plan: InitialPlan, local_root: Path, file: LocalFile, remote_sha: str | None) -> None:
-    here = sha256_of(local_root / file.path)
+def _compare(plan: InitialPlan, file: LocalFile, here: str | None, remote_sha: str | None) -> None:
     if here is not None and here == remote_sha:
         plan.adopt[file.path] = (file.mtime_ns, here)
         plan.synced[file.path], plan.hashes[file.path] = (file.size, file.mtime_ns), here

@@ -110,6 +110,7 @@ class RemoteTree:
         self.pacer = AckPacer()
         self._channel: Any = None
         self._lines: _Lines | None = None
+        self._unanswered = 0  # answers still due to requests nobody waits for (the session's first)
         self._lock = threading.Lock()
 
     def listing(self, under: Sequence[str] | None = None) -> RemoteListing:
@@ -143,8 +144,7 @@ class RemoteTree:
                 writer = FrameWriter(channel, self.pacer, lambda block: self._ack(lines, block=block), on_bytes)
                 hashes = send_tar(writer, local_root, batch.files)
                 channel.sendall(json.dumps({"hashes": hashes}).encode() + b"\n")
-                while (event := lines.next())["event"] == "ack":
-                    self.pacer.on_ack(int(event["bytes"]))
+                event = self._reply(lines)
                 event["hashes"] = hashes
                 return event
             except _CUT as error:
@@ -181,10 +181,9 @@ class RemoteTree:
             channel, lines = self._session()
             try:
                 channel.sendall(json.dumps({**request, "root": self.root}).encode() + b"\n")
-                event = lines.next()
+                event = self._reply(lines)
             except _CUT as error:
                 raise self._cut(doing, error) from None
-        assert event is not None
         if event.get("event") == "error":
             raise self._cut(doing, RuntimeError(event.get("text")))
         return event
@@ -197,17 +196,30 @@ class RemoteTree:
         try:
             first = {"op": "list", "root": self.root, "under": [], "source": self.source}  # answers when it is up
             channel = start_receiver(self.chain, self.python_argv, first, timeout_seconds=self.timeout_seconds)
-            lines = _Lines(channel)
-            lines.next()
         except _CUT as error:
             raise self._cut("starting the VM's sync receiver", error) from None
-        self._channel, self._lines, self.pacer = channel, lines, AckPacer()
-        return channel, lines
+        # Not waited for: the first request follows at once, and this reply is skipped when it arrives.
+        self._channel, self._lines, self.pacer, self._unanswered = channel, _Lines(channel), AckPacer(), 1
+        return channel, self._lines
+
+    def _reply(self, lines: _Lines) -> dict[str, Any]:
+        """The answer to the latest request: acks go to the pacer, the session's first answer is skipped."""
+        while True:
+            event = lines.next()
+            if event.get("event") == "ack":
+                self.pacer.on_ack(int(event["bytes"]))
+            elif self._unanswered:
+                self._unanswered -= 1
+            else:
+                return event
 
     def _ack(self, lines: _Lines, *, block: bool) -> None:
         while (event := lines.poll(block=block)) is not None:
             if event.get("event") == "ack":
                 self.pacer.on_ack(int(event["bytes"]))
+            elif self._unanswered:
+                self._unanswered -= 1  # the session's first answer; an apply's own answer comes after its frames
+                continue
             block = False
 
     def _cut(self, doing: str, error: BaseException, *, reset: bool = True) -> LinkDown:
