@@ -146,7 +146,7 @@ def execute_while_syncing(info: SandboxInfo, scratch: Path, remote_root: str, fi
         wait_for_kernel_info(client, lambda: None)
         settle(client)
         relayed = km.provisioner.relayed  # type: ignore[union-attr]
-        mirror = relayed.mirror
+        mirror = relayed.hooks[0].mirror
         if not mirror.ready.wait(120):
             return "the kernel's first sync never ended"
         idle = [timed_execute(client, "1", lambda _: None) for _ in range(20)][3:]
@@ -154,7 +154,7 @@ def execute_while_syncing(info: SandboxInfo, scratch: Path, remote_root: str, fi
         started, busy, link_lost = time.perf_counter(), [], False
         while "big.bin" not in mirror.sync.synced and time.perf_counter() - started < 600:
             busy.append(timed_execute(client, "1", lambda _: None))
-            link_lost |= not relayed.keeper.link_up.is_set()
+            link_lost |= relayed.keeper is not None and relayed.keeper.is_down
         upload = time.perf_counter() - started
     finally:
         client.stop_channels()

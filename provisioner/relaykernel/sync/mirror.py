@@ -52,9 +52,6 @@ class WorkdirMirror:
         self._initial.start()
         return self
 
-    def wait_and_watch(self, timeout_seconds: float) -> None:
-        """Nothing to wait for: live sync starts by itself when the first sync ends (goes once relayed.py drops it)."""
-
     def resume(self) -> None:
         """The link is back: retry what failed meanwhile (in the background)."""
         self._link_back.set()

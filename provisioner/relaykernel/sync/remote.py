@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shlex
 import tarfile
 import threading
 from collections.abc import Callable, Sequence
@@ -13,11 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paramiko import SSHException
-
 from ..bundle import vm_program
 from ..common.errors import VM, LinkDown
-from ..common.protocol import BOOTSTRAP
 from ..ssh.chain import SSHChain
 from ..vm.sync_receiver import MTIME_NS_HEADER
 from .ignore import LocalFile
@@ -26,7 +22,7 @@ from .stream import FrameWriter, send_tar
 
 _READ_BYTES = 1 << 20
 PULL_WINDOW_BYTES = 256 << 10  # output pulls: a small window, so a big download never crowds out kernel replies
-_CUT = (OSError, EOFError, tarfile.TarError, SSHException, ValueError)
+_CUT = (OSError, EOFError, tarfile.TarError, ValueError)  # paramiko reports a cut channel as OSError
 
 
 @functools.cache
@@ -58,13 +54,9 @@ def start_receiver(chain: SSHChain, python_argv: Sequence[str], first_line: dict
     """The receiver running on the VM with ``first_line`` sent: the one place the sync starts a VM program."""
     if not chain.is_active():
         chain.connect()  # rebuilds only what a cut broke; raises a HopError while the VM stays away
-    transport = chain.vm_transport()
-    channel = (transport.open_session(window_size=window_bytes, timeout=timeout_seconds) if window_bytes
-               else chain.open_session())
+    channel = chain.start_program(python_argv, receiver_script(), json.dumps(first_line).encode() + b"\n",
+                                  window_bytes=window_bytes)
     channel.settimeout(timeout_seconds)
-    channel.exec_command(shlex.join([*python_argv, "-c", BOOTSTRAP]))
-    script = receiver_script()
-    channel.sendall(b"%d\n" % len(script) + script + json.dumps(first_line).encode() + b"\n")
     return channel
 
 
