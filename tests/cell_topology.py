@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from relaykernel.common.errors import RELAY, VM
-from relaykernel.sandbox.keys import SshHost, authorized_key_line, generate_keypairs, write_lines, write_ssh_config
+from relaykernel.common.relay_keys import laptop_key_line, relay_sshd_config, tunnel_key_line
+from relaykernel.sandbox.keys import SshHost, generate_keypairs, write_lines, write_ssh_config
 from relaykernel.sandbox.ports import LOOPBACK, free_loopback_ports
 from relaykernel.sandbox.processes import stop_process_tree, terminate_all, wait_gone
 from relaykernel.sandbox.sshd import SshdServer
@@ -61,10 +62,9 @@ class CellTopology:
         self._stops.append(self._delete_netns)
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
         (self.laptop_key,) = generate_keypairs([self.root / "laptop_key"])
-        laptop_line = authorized_key_line(self.laptop_key.public_key,
-                                          f'restrict,port-forwarding,permitopen="{LOOPBACK}:{self.forward_port}"')
-        self.relay_sshd = SshdServer(state_dir=self.root / "relay", port=self.relay_port,
-                                     authorized_keys={RELAY_USER: [laptop_line]}, hop=RELAY)
+        laptop_line = laptop_key_line(self.laptop_key.public_key, [self.forward_port])
+        self.relay_sshd = SshdServer(state_dir=self.root / "relay", port=self.relay_port, hop=RELAY,
+                                     authorized_keys={RELAY_USER: [laptop_line]}, extra_config=relay_sshd_config())
         self._stops.append(self.relay_sshd.stop)
         self.relay_sshd.start()
         self._start_bridge()
@@ -81,8 +81,7 @@ class CellTopology:
         """What the user does on the relay once: let the VM's tunnel key listen on its port only."""
         assert self.relay_sshd is not None
         keys_file = self.relay_sshd.state_dir / "authorized_keys" / RELAY_USER
-        endpoint = f"{LOOPBACK}:{port or self.forward_port}"
-        line = authorized_key_line(public_key, f'restrict,port-forwarding,permitlisten="{endpoint}"', "vm-tunnel")
+        line = tunnel_key_line(public_key, port or self.forward_port, "vm-tunnel")
         with open(keys_file, "a") as handle:
             handle.write(line + "\n")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ..common.errors import RELAY, VM
+from ..common.relay_keys import laptop_key_line, relay_sshd_config, tunnel_key_line
 from .keys import KeyPair, SshHost, authorized_key_line, generate_keypairs, write_lines, write_ssh_config
 from .ports import LOOPBACK, free_loopback_ports
 from .processes import descendants, terminate_all
@@ -73,11 +74,10 @@ def current_user() -> str:
 
 
 def relay_authorized_keys(laptop_key: str, vm_tunnel_key: str, forward_port: int) -> list[str]:
-    """The recommended relay authorized_keys: the laptop may only reach FWD, the VM may only listen on it."""
-    endpoint = f"{LOOPBACK}:{forward_port}"
+    """The documented relay authorized_keys: the laptop may only reach FWD, the VM may only listen on it."""
     return [
-        authorized_key_line(laptop_key, f'restrict,port-forwarding,permitopen="{endpoint}"', "laptop"),
-        authorized_key_line(vm_tunnel_key, f'restrict,port-forwarding,permitlisten="{endpoint}"', "vm-tunnel"),
+        laptop_key_line(laptop_key, [forward_port], "laptop"),
+        tunnel_key_line(vm_tunnel_key, forward_port, "vm-tunnel"),
     ]
 
 
@@ -179,6 +179,7 @@ class LoopbackSandbox:
             state_dir=self.state_dir / "relay/sshd",
             port=port,
             authorized_keys={self.relay_user: lines},
+            extra_config=relay_sshd_config(),
             hop=RELAY,
             startup_timeout_seconds=self.startup_timeout_seconds,
         )

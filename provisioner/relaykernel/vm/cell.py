@@ -20,6 +20,7 @@ from typing import Any
 from ..common.destination import Destination
 from ..common.errors import VM, VMSetupError
 from ..common.protocol import RUN_ROOT
+from ..common.relay_keys import tunnel_key_line
 from .checkpoint import DEFAULT_PATTERNS, Checkpointer, save_settings
 from .checkpoint_schedule import CheckpointSchedule
 from .keys import KeyPair, stable_key
@@ -201,11 +202,10 @@ class HeartbeatCell:
             f"on your laptop, trust it once:  relaykernel trust {settings.laptop_alias} --fingerprint {fingerprint}",
         ]
         if self.tunnel is not None and self.tunnel_key is not None and self.tunnel.state.status != UP:
-            endpoint = f"127.0.0.1:{settings.remote_port}"
             lines += [
                 f"the tunnel is not up yet ({self.tunnel.state.detail}); if the relay does not know this VM's key,",
                 "add this line to the relay user's ~/.ssh/authorized_keys (once: the key is kept in storage):",
-                f'  restrict,port-forwarding,permitlisten="{endpoint}" {self.tunnel_key.public_key}',
+                f"  {tunnel_key_line(self.tunnel_key.public_key, settings.remote_port)}",
             ]
         for line in lines:
             self._say(line)
