@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import paramiko
 import pytest
 
-from relaykernel.common.errors import VM, ChangedHostKey, RevokedHostKey, UnknownHostKey
+from helpers import VM_ALIAS, environment_without_agent, kernel_manager, relay_config, write_ssh_config
+from relaykernel.common.destination import Destination
+from relaykernel.common.errors import RELAY, VM, ChangedHostKey, ConfigError, RevokedHostKey, UnknownHostKey
 from relaykernel.ssh.hostkeys import KnownHosts, fingerprint, known_hosts_line
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
@@ -216,3 +220,107 @@ def test_remove_drops_plain_and_hashed_lines_for_the_name_only(keys: Keys, tmp_p
     assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
     with pytest.raises(UnknownHostKey):
         _verify(known, "[127.0.0.1]:7423", keys["ed25519"])
+
+
+def test_replace_swaps_the_line_in_one_rename(keys: Keys, tmp_path: Path) -> None:
+    old, new = keys["other_ed25519"], keys["ed25519"]
+    keep = known_hosts_line("relay", keys["rsa"])
+    path = _write(tmp_path / "kh", keep, known_hosts_line("[vm]:2222", old))
+    known = KnownHosts([path])
+    assert known.replace("[vm]:2222", new, path) == 1
+    assert Path(path).read_text().splitlines() == [keep, known_hosts_line("[vm]:2222", new)]
+    assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600 and not list(tmp_path.glob("*.tmp"))
+    _verify(KnownHosts([path]), "[vm]:2222", new)
+    with pytest.raises(ChangedHostKey):
+        _verify(KnownHosts([path]), "[vm]:2222", old)
+
+
+def test_replace_leaves_every_file_alone_when_another_file_holds_the_old_key(keys: Keys, tmp_path: Path) -> None:
+    user = _write(tmp_path / "user", known_hosts_line("vm", keys["other_ed25519"]))
+    global_file = _write(tmp_path / "global", known_hosts_line("vm", keys["rsa"]))
+    before = (Path(user).read_bytes(), Path(global_file).read_bytes())
+    with pytest.raises(ConfigError, match="global:1 also holds a different key for vm"):
+        KnownHosts([user, global_file]).replace("vm", keys["ed25519"], user)
+    assert (Path(user).read_bytes(), Path(global_file).read_bytes()) == before
+
+
+def test_accept_unknown_records_only_hosts_never_pinned(keys: Keys, tmp_path: Path) -> None:
+    path = str(tmp_path / "kh")
+    KnownHosts([path]).verify(hop=VM, where=WHERE, name="fresh", key=keys["ecdsa"], trust_file=path,
+                              accept_unknown=True)
+    _verify(KnownHosts([path]), "fresh", keys["ecdsa"])
+    _write(tmp_path / "kh", known_hosts_line("vm", keys["ed25519"]))
+    _verify(KnownHosts([path]), "vm", keys["ed25519"], path)  # pinned, seen in this run
+    _write(tmp_path / "kh")  # its line is removed (a hand edit, an interrupted tool)
+    with pytest.raises(ChangedHostKey, match="held another key for it earlier in this run"):
+        KnownHosts([path]).verify(hop=VM, where=WHERE, name="vm", key=keys["rsa"], trust_file=path,
+                                  accept_unknown=True)
+    assert Path(path).read_text() == ""
+    KnownHosts([path]).verify(hop=VM, where=WHERE, name="vm", key=keys["ed25519"], trust_file=path,
+                              accept_unknown=True)  # the key it had: still trusted, not written
+    assert Path(path).read_text() == ""
+
+
+def test_a_changed_key_is_never_accepted_as_unknown(keys: Keys, tmp_path: Path) -> None:
+    path = _write(tmp_path / "kh", known_hosts_line("vm", keys["other_ed25519"]))
+    with pytest.raises(ChangedHostKey):
+        KnownHosts([path]).verify(hop=VM, where=WHERE, name="vm", key=keys["ed25519"], trust_file=path,
+                                  accept_unknown=True)
+
+
+def test_changed_key_messages_name_the_hop(keys: Keys, tmp_path: Path) -> None:
+    path = _write(tmp_path / "kh", known_hosts_line("[vm]:2222", keys["other_ed25519"]))
+    seen = fingerprint(keys["ed25519"])
+    with pytest.raises(ChangedHostKey) as relay:
+        KnownHosts([path]).verify(hop=RELAY, where="relay.example.org", name="[vm]:2222", key=keys["ed25519"],
+                                  trust_file=path)
+    assert "recreated" not in str(relay.value) and "regenerated" in relay.value.problem
+    assert "administrator" in relay.value.fix and "ssh-keygen -f" in relay.value.fix
+    with pytest.raises(ChangedHostKey) as vm:
+        KnownHosts([path]).verify(hop=VM, where=WHERE, name="[vm]:2222", key=keys["ed25519"], trust_file=path,
+                                  dest="colab")
+    assert "recreated" in vm.value.problem and "intercepted" in vm.value.problem
+    assert vm.value.fix.endswith(f"relaykernel trust colab --replace --fingerprint {seen}")
+
+
+def _pinned_to_an_old_key(topology, tmp_path: Path, old: paramiko.PKey) -> tuple[Path, str]:
+    """known_hosts holding the relay's real key and an old key for the VM, and an ssh config that uses it."""
+    relay_port, vm_port = (Destination.parse(dest).port for dest in (topology.relay, topology.vm))
+    lines = Path(topology.known_hosts_file).read_text().splitlines()
+    relay_line = next(line for line in lines if line.startswith(f"[127.0.0.1]:{relay_port} "))
+    known = Path(_write(tmp_path / "known_hosts", relay_line, known_hosts_line(f"[127.0.0.1]:{vm_port}", old)))
+    return known, write_ssh_config(topology, tmp_path, known_hosts=known)
+
+
+def _trust(config: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "relaykernel", "trust", VM_ALIAS, "--ssh-config", config, *flags]
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False,
+                          env=environment_without_agent())
+
+
+def test_trust_replace_without_confirmation_keeps_the_pin_and_the_next_start_refuses(topology, tmp_path, keys):
+    known, config = _pinned_to_an_old_key(topology, tmp_path, keys["other_ed25519"])
+    before = known.read_bytes()
+    refused = _trust(config, "--replace")  # no --fingerprint, and stdin is not a terminal
+    assert refused.returncode != 0 and f"{known} is unchanged" in refused.stderr, refused
+    assert known.read_bytes() == before
+    for accept in (False, True):
+        settings = relay_config(topology, tmp_path, ssh_config_file=config, accept_unknown_host_keys=accept)
+        km = kernel_manager(tmp_path / f"accept-{accept}", settings)
+        with pytest.raises(ChangedHostKey) as caught:
+            km.start_kernel()
+        assert "CHANGED" in str(caught.value) and "--replace --fingerprint SHA256:" in caught.value.fix
+        assert known.read_bytes() == before, f"accept_unknown_host_keys={accept} changed known_hosts"
+
+
+def test_trust_replace_with_the_fingerprint_swaps_only_the_vm_line(topology, tmp_path, keys):
+    known, config = _pinned_to_an_old_key(topology, tmp_path, keys["other_ed25519"])
+    relay_line = known.read_text().splitlines()[0]
+    assert _trust(config, "--replace", "--fingerprint", "SHA256:" + "A" * 43).returncode != 0
+    vm_port = Destination.parse(topology.vm).port
+    vm_line = next(line for line in Path(topology.known_hosts_file).read_text().splitlines()
+                   if line.startswith(f"[127.0.0.1]:{vm_port} "))
+    real = paramiko.PKey.from_type_string(vm_line.split()[1], base64.b64decode(vm_line.split()[2]))
+    replaced = _trust(config, "--replace", "--fingerprint", fingerprint(real))
+    assert replaced.returncode == 0 and "trusted" in replaced.stdout, replaced
+    assert known.read_text().splitlines() == [relay_line, known_hosts_line(f"[127.0.0.1]:{vm_port}", real)]

@@ -36,18 +36,24 @@ def run(args: argparse.Namespace) -> int:
     trust_file = hop.known_hosts_files[0] if hop.known_hosts_files else "~/.ssh/known_hosts"
     known = KnownHosts(hop.known_hosts_files)
     try:
-        known.verify(hop=VM, where=chain.vm_label, name=hop.known_hosts_name, key=key, trust_file=trust_file)
+        known.verify(hop=VM, where=chain.vm_label, name=hop.known_hosts_name, key=key, trust_file=trust_file,
+                     dest=args.host)
         print(f"{hop.known_hosts_name} is already trusted with {seen}")
         return 0
     except UnknownHostKey:
-        pass
+        replacing = False
     except ChangedHostKey:
         if not args.replace:
             raise
-        known.remove(hop.known_hosts_name, trust_file)
+        replacing = True
+    # Nothing is written before the new key is confirmed: a refusal leaves known_hosts byte for byte as it was.
     if not args.fingerprint and not _confirmed(hop.known_hosts_name, seen):
-        raise ConfigError("not trusted: run again with --fingerprint SHA256:… as the VM's cell printed it")
-    known.add(hop.known_hosts_name, key, trust_file)
+        raise ConfigError(f"not trusted, {trust_file} is unchanged: run again with --fingerprint SHA256:… as the "
+                          "VM's cell printed it (or from a terminal, to confirm it there)")
+    if replacing:
+        known.replace(hop.known_hosts_name, key, trust_file)
+    else:
+        known.add(hop.known_hosts_name, key, trust_file)
     print(f"trusted {seen} for {hop.known_hosts_name} in {trust_file}")
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 import paramiko
 
-from ..common.errors import ChangedHostKey, RevokedHostKey, UnknownHostKey
+from ..common.errors import ConfigError
+from .hostkey_errors import changed_error, fingerprint, known_hosts_line, revoked_error, unknown_error, unpinned_error
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +27,9 @@ REVOKED = "@revoked"
 CERT_AUTHORITY = "@cert-authority"
 # A host known by an RSA key can sign with any of these; plain ssh-rsa (SHA-1) is refused by modern sshd.
 _RSA_ALGORITHMS = ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """The key's fingerprint as ``ssh-keygen -l`` prints it: ``SHA256:`` and unpadded base64."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
-def known_hosts_line(name: str, key: paramiko.PKey) -> str:
-    """The known_hosts line that trusts ``key`` for ``name``: ``name keytype base64``."""
-    return f"{name} {key.get_name()} {key.get_base64()}"
+# (known_hosts file, host name) -> the key a line pinned for it, as seen in this process: a host whose line was
+# removed since (a half-done replace, a hand edit) is never "unknown" to accept_unknown_host_keys again.
+_PINNED_THIS_RUN: dict[tuple[str, str], bytes] = {}
 
 
 @dataclass(frozen=True)
@@ -46,6 +41,7 @@ class _Entry:
     key_type: str
     blob: bytes
     origin: str  # "file:line", for messages
+    path: str = ""  # the file, absolute
 
     def lists(self, name: str) -> bool:
         """Whether this line's host field names ``name`` (already lowercase)."""
@@ -69,18 +65,36 @@ class KnownHosts:
             algorithms.update(dict.fromkeys(kinds))
         return list(algorithms)
 
-    def verify(self, *, hop: str, where: str, name: str, key: paramiko.PKey, trust_file: str) -> None:
-        """Return if a line trusts ``key`` for ``name``; else raise Revoked-, Changed- or UnknownHostKey."""
+    def verify(
+        self, *, hop: str, where: str, name: str, key: paramiko.PKey, trust_file: str, dest: str = "",
+        accept_unknown: bool = False,
+    ) -> None:
+        """Return if a line trusts ``key`` for ``name``; else raise Revoked-, Changed- or UnknownHostKey.
+
+        ``accept_unknown`` records a key for a host no line names, unless this process saw a pinned key for it
+        (its line was removed since): that host is refused as changed. ``dest`` (the ssh alias) goes into fixes.
+        """
         blob, trust_file = key.asbytes(), os.path.expanduser(trust_file)
         revoked = [entry for entry in self._listing(name, REVOKED) if entry.blob == blob]
         if revoked:
-            raise _revoked_error(hop, where, name, key, revoked)
+            raise revoked_error(hop, where, name, key, [entry.origin for entry in revoked])
         listed = self._listing(name, None)
         if any(entry.blob == blob for entry in listed):
+            _PINNED_THIS_RUN[_pin_id(trust_file, name)] = blob
             return
         if listed:
-            raise _changed_error(hop, where, name, key, trust_file, listed)
-        raise _unknown_error(hop, where, name, key, trust_file, self.files)
+            raise changed_error(hop, where, name, key, trust_file, [entry.origin for entry in listed], dest)
+        pinned = _PINNED_THIS_RUN.get(_pin_id(trust_file, name))
+        if pinned == blob:
+            log.warning("%s is no longer listed in %s; still trusting the key it had: %s", name, trust_file,
+                        fingerprint(key))
+            return
+        if pinned is not None:
+            raise unpinned_error(hop, where, name, key, trust_file, dest)
+        if not accept_unknown:
+            raise unknown_error(hop, where, name, key, trust_file, self.files, dest)
+        log.warning("trusting new host key %s for %s (accept_unknown_host_keys)", fingerprint(key), name)
+        self.add(name, key, trust_file)
 
     def add(self, name: str, key: paramiko.PKey, trust_file: str) -> None:
         """Trust ``key`` for ``name`` from now on: append its line to ``trust_file`` (0600, dir 0700)."""
@@ -92,28 +106,70 @@ class KnownHosts:
         descriptor = os.open(trust_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(descriptor, "a", encoding="utf-8") as stream:
             stream.write(f"{separator}{known_hosts_line(name, key)}\n")
-        self._entries.append(_Entry(None, name, key.get_name(), key.asbytes(), f"{trust_file} (just added)"))
+        origin, path = f"{trust_file} (just added)", os.path.abspath(trust_file)
+        self._entries.append(_Entry(None, name, key.get_name(), key.asbytes(), origin, path))
+        _PINNED_THIS_RUN[_pin_id(trust_file, name)] = key.asbytes()
 
     def remove(self, name: str, trust_file: str) -> int:
         """Drop the (unmarked) lines of ``trust_file`` that name ``name``, as ``ssh-keygen -R`` does; how many."""
+        return self._rewrite(name, trust_file, None)
+
+    def replace(self, name: str, key: paramiko.PKey, trust_file: str) -> int:
+        """Swap every (unmarked) line naming ``name`` for one trusting ``key``, in one atomic rename; how many.
+
+        ConfigError, with nothing written, when another of the files holds a different key for ``name``: only
+        ``trust_file`` is edited, so that line would still refuse the host.
+        """
+        path, blob = os.path.abspath(os.path.expanduser(trust_file)), key.asbytes()
+        elsewhere = [e.origin for e in self._listing(name, None) if e.path != path and e.blob != blob]
+        if elsewhere:
+            raise ConfigError(f"{', '.join(elsewhere)} also holds a different key for {name} and is not edited here: "
+                              f"remove that line (ssh-keygen -f FILE -R {shlex.quote(name)}), then run this again")
+        return self._rewrite(name, trust_file, key)
+
+    def _rewrite(self, name: str, trust_file: str, key: paramiko.PKey | None) -> int:
         trust_file, lowered = os.path.expanduser(trust_file), name.lower()
         try:
             with open(trust_file, encoding="utf-8", errors="replace") as stream:
                 lines = stream.read().splitlines()
         except FileNotFoundError:
-            return 0
+            if key is None:
+                return 0
+            lines = []
         kept = [text for text in lines if not _names_unmarked(text, lowered)]
-        staging = f"{trust_file}.{os.getpid()}.tmp"
-        descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write("".join(f"{text}\n" for text in kept))
-        os.replace(staging, trust_file)
+        added = [known_hosts_line(name, key)] if key is not None else []
+        _write_atomically(trust_file, kept + added)
         self._entries = [entry for path in self.files for entry in _read_entries(path)]
+        if key is not None:
+            _PINNED_THIS_RUN[_pin_id(trust_file, name)] = key.asbytes()
         return len(lines) - len(kept)
 
     def _listing(self, name: str, marker: str | None) -> list[_Entry]:
         lowered = name.lower()
         return [entry for entry in self._entries if entry.marker == marker and entry.lists(lowered)]
+
+
+def _pin_id(trust_file: str, name: str) -> tuple[str, str]:
+    return os.path.abspath(os.path.expanduser(trust_file)), name.lower()
+
+
+def _write_atomically(path: str, lines: list[str]) -> None:
+    """Write ``lines`` to a 0600 file beside ``path`` and rename it over ``path``: readers see old or new, whole."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    staging = f"{path}.{os.getpid()}.tmp"
+    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write("".join(f"{text}\n" for text in lines))
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
 
 
 def _names_unmarked(text: str, lowered_name: str) -> bool:
@@ -142,7 +198,8 @@ def _read_entries(path: str) -> list[_Entry]:
         log.debug("skipping known_hosts file %s: %s", path, error)
         return []
     parsed = (_parse_line(text, f"{path}:{number}") for number, text in enumerate(lines, start=1))
-    return [entry for entry in parsed if entry is not None]
+    absolute = os.path.abspath(os.path.expanduser(path))
+    return [dataclasses.replace(entry, path=absolute) for entry in parsed if entry is not None]
 
 
 def _parse_line(text: str, origin: str) -> _Entry | None:
@@ -190,51 +247,3 @@ def _glob(pattern: str) -> re.Pattern[str]:
     """Only ``*`` and ``?`` are special, so ``[host]:port`` stays literal."""
     parts = (".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern)
     return re.compile("".join(parts), re.DOTALL)
-
-
-def _describe(key: paramiko.PKey) -> str:
-    return f"{key.get_name()} key {fingerprint(key)}"
-
-
-def _append_command(line: str, trust_file: str) -> str:
-    command = f"echo {shlex.quote(line)} >> {shlex.quote(trust_file)}"
-    directory = os.path.dirname(trust_file)
-    if directory and not os.path.isdir(directory):
-        command = f"mkdir -p -m 700 {shlex.quote(directory)} && {command}"
-    return command
-
-
-def _revoked_error(
-    hop: str, where: str, name: str, key: paramiko.PKey, lines: list[_Entry]
-) -> RevokedHostKey:
-    origins = ", ".join(entry.origin for entry in lines)
-    problem = f"host key for {name} is REVOKED: it presents {_describe(key)}, marked @revoked at {origins}"
-    fix = "do not connect; the host needs a new host key (remove the @revoked line only if it was a mistake)"
-    return RevokedHostKey(hop, where, problem, fix, fingerprint=fingerprint(key))
-
-
-def _changed_error(
-    hop: str, where: str, name: str, key: paramiko.PKey, trust_file: str, lines: list[_Entry]
-) -> ChangedHostKey:
-    origins = ", ".join(entry.origin for entry in lines)
-    problem = (
-        f"host key for {name} has CHANGED: it now presents {_describe(key)}, but {origins} holds a "
-        "different key. Expected if the VM was recreated (a new VM has a new host key); otherwise the "
-        "connection may be intercepted"
-    )
-    command = _append_command(known_hosts_line(name, key), trust_file)
-    if os.path.isfile(trust_file):
-        command = f"ssh-keygen -f {shlex.quote(trust_file)} -R {shlex.quote(name)} && {command}"
-    fix = f"if you expect a new host key, replace the old one: {command}"
-    return ChangedHostKey(hop, where, problem, fix, fingerprint=fingerprint(key))
-
-
-def _unknown_error(
-    hop: str, where: str, name: str, key: paramiko.PKey, trust_file: str, files: Sequence[str]
-) -> UnknownHostKey:
-    searched = ", ".join(files) or "no known_hosts files"
-    problem = f"host key for {name} is unknown (searched {searched}): it presents {_describe(key)}"
-    command = _append_command(known_hosts_line(name, key), trust_file)
-    check = "check that fingerprint on the host (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub)"
-    fix = f"{check}, then trust it: {command}"
-    return UnknownHostKey(hop, where, problem, fix, fingerprint=fingerprint(key))
