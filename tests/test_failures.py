@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import kernel_manager, relay_config, vm_pids, write_ssh_config
+from helpers import RELAY_ALIAS, kernel_manager, relay_config, vm_pids, write_ssh_config
 from relaykernel.common import errors
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
@@ -136,3 +137,37 @@ def test_missing_host_is_a_config_error(tmp_path):
 
 def _port_of(destination: str) -> str:
     return f"]:{destination.rsplit(':', 1)[1]} "
+
+
+def proxied_config(topology, tmp_path: Path, proxy_command: str) -> str:
+    """The usual ssh config with the relay reached through ``proxy_command`` instead of TCP."""
+    path = Path(write_ssh_config(topology, tmp_path))
+    block = f"Host {RELAY_ALIAS}\n"
+    path.write_text(path.read_text().replace(block, f"{block}    ProxyCommand {proxy_command}\n"))
+    return str(path)
+
+
+def running(marker: str) -> list[str]:
+    listing = subprocess.run(["pgrep", "-a", "-f", marker], capture_output=True, text=True, timeout=10)
+    return listing.stdout.splitlines()
+
+
+@pytest.mark.parametrize("script", [
+    "sleep {marker} & sleep {marker}; echo never",  # hangs, with a child in the background
+    "trap '' TERM; sleep {marker} & sleep {marker}",  # and ignores SIGTERM: needs the KILL after the grace
+], ids=["hangs-with-children", "ignores-sigterm"])
+def test_a_hanging_proxy_command_leaves_no_process_behind(topology, tmp_path, script):
+    marker = f"318.{secrets.randbelow(10**6):06d}"
+    config = proxied_config(topology, tmp_path, f'sh -c "{script.format(marker=marker)}"')
+    message = start_expecting(topology, tmp_path, errors.ConnectError, "relay", "no SSH handshake within 2 s",
+                              "ProxyCommand `sh -c", "was still running, so it was stopped",
+                              ssh_config_file=config, connect_timeout_seconds=2.0)
+    assert not running(f"sleep {marker}"), f"left behind after: {message}"
+
+
+def test_a_failing_proxy_command_shows_its_exit_status_and_stderr(topology, tmp_path):
+    script = "echo starting >&2; echo socat: connect to relay.example.org: No route to host >&2; exit 3"
+    config = proxied_config(topology, tmp_path, f'sh -c "{script}"')
+    start_expecting(topology, tmp_path, errors.ConnectError, "relay",
+                    f"ProxyCommand `sh -c \"{script}\"` exited 3: starting / socat: connect to relay.example.org: "
+                    "No route to host", ssh_config_file=config)

@@ -1,19 +1,24 @@
-"""ProxyCommand run as OpenSSH runs it (by /bin/sh), outside our process tree and deaf to Ctrl-C.
+"""ProxyCommand run as OpenSSH runs it (by /bin/sh), in a process group of its own that close() stops whole.
 
 Clients signal a kernel's whole process tree (VS Code sends SIGINT to interrupt and SIGTERM to dispose to every
 descendant) and a terminal's Ctrl-C reaches its whole process group. A proxy we spawned as a plain child would die
-of either, cutting the link the launcher needs to interrupt or shut down the remote kernel. So the proxy is started
-in a session of its own by a shell that backgrounds it (which ignores SIGINT for it, and OpenSSH keeps an ignored
-SIGINT ignored) and exits at once, leaving the proxy re-parented away from us. It still ends with us: its stdin is
-our pipe, and EOF on it ends ``ssh -W`` and ``socat`` alike; close() also terminates it.
+of either, cutting the link the launcher needs to interrupt or shut down the remote kernel. So a launcher shell
+starts a session (its pid is the group's id), backgrounds the command (which ignores SIGINT for it, and OpenSSH
+keeps an ignored SIGINT ignored) and exits at once, leaving the proxy re-parented away from us. Everything the
+command starts stays in that group: close() sends the group SIGTERM, then SIGKILL after a grace, so nothing it
+spawned outlives the attempt. Its stderr goes to a private file (not ours, which a leftover would hold open) and
+its exit status to a pipe, so a proxy that fails is reported as "ProxyCommand `…` exited N: <its last lines>".
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import select
 import signal
 import socket
+import tempfile
 import time
 
 import paramiko
@@ -22,69 +27,107 @@ from ..common.errors import RELAY, ConnectError
 from ..pids import pid_alive
 
 _SHELL = "/bin/sh"
-_PID_WAIT_SECONDS = 5.0
-# The launcher shell gets the proxy's stdin on fd 0, its stdout on fd 1 and a pipe for the proxy's pid on fd 3;
-# fd 4 carries stdin into the background job, whose stdin would otherwise be /dev/null.
-_LAUNCHER = f'exec 4<&0; {_SHELL} -c "exec $1" <&4 4<&- 3>&- & echo $! >&3'
+_GRACE_SECONDS = 2.0
+_EXIT_WAIT_SECONDS = 2.0
+_POLL_SECONDS = 0.02
+_STDERR_CAP_BYTES = 256 * 1024  # trimmed to its tail beyond this: a chatty proxy cannot fill the disk
+_STDERR_TAIL_BYTES = 4096
+_STDERR_TAIL_LINES = 5
+# fd 0 is the proxy's stdin, fd 1 its stdout, fd 2 the stderr file, fd 3 the exit-status pipe. The background job
+# is a subshell that runs the command and writes its status; fd 4 carries stdin into it (a background job's stdin
+# would otherwise be /dev/null).
+_LAUNCHER = f'exec 4<&0; {{ {_SHELL} -c "$1" <&4 4<&- 3>&-; echo $? >&3; }} & exit 0'
+
+
+class ProxyCommandExited(paramiko.ProxyCommandFailure):
+    """The ProxyCommand ended (or closed its output) before or during the SSH session; says how, with its stderr."""
+
+    def __init__(self, command: str, outcome: str) -> None:
+        super().__init__(command, outcome)
+        self.outcome = outcome
+
+    def __str__(self) -> str:
+        return self.outcome
 
 
 class DetachedProxyCommand(paramiko.ProxyCommand):
-    """A socket-like pipe pair to a ProxyCommand that is not our descendant; drop-in for paramiko.ProxyCommand."""
+    """A socket-like pipe pair to a ProxyCommand in its own process group; drop-in for paramiko.ProxyCommand."""
 
     def __init__(self, command_line: str) -> None:  # deliberately not calling super(): it would spawn a child
         self.cmd = [_SHELL, "-c", command_line]
+        self.command_line = command_line
         self.timeout: float | None = None
+        self._exit_status: int | None = None
+        self._stopped = False
+        self._reads = 0
+        self._stderr = _private_file()
         stdin_read, self._stdin = os.pipe()
         self._stdout, stdout_write = os.pipe()
-        pid_read, pid_write = os.pipe()
+        self._status, status_write = os.pipe()
         try:
-            shell = os.posix_spawn(
+            self.pgid = os.posix_spawn(
                 _SHELL, [_SHELL, "-c", _LAUNCHER, "relaykernel-proxy", command_line], os.environ,
                 file_actions=[(os.POSIX_SPAWN_DUP2, stdin_read, 0), (os.POSIX_SPAWN_DUP2, stdout_write, 1),
-                              (os.POSIX_SPAWN_DUP2, pid_write, 3)],
+                              (os.POSIX_SPAWN_DUP2, self._stderr, 2), (os.POSIX_SPAWN_DUP2, status_write, 3)],
                 setsid=True, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # as subprocess restores them
             )
-        finally:
-            for fd in (stdin_read, stdout_write, pid_write):
+        except OSError as error:
+            for fd in (self._stdin, self._stdout, self._status, self._stderr):
                 os.close(fd)
-        self.pid = 0
-        try:
-            self.pid = _read_pid(pid_read, command_line)
-        except BaseException:
-            self.close()  # our pipe ends: a proxy that did start sees EOF and ends
-            raise
+            raise ConnectError(RELAY, command_line, f"the ProxyCommand could not be started ({error.strerror})",
+                               f"check that {_SHELL} exists and that the command runs from a terminal") from None
         finally:
-            os.close(pid_read)
-            os.waitpid(shell, 0)
+            for fd in (stdin_read, stdout_write, status_write):
+                os.close(fd)
+        os.waitpid(self.pgid, 0)  # the launcher exits at once; its group lives on with the command in it
 
     def send(self, content: bytes) -> int:
         try:
             return os.write(self._stdin, content)
         except OSError as error:
-            raise paramiko.ProxyCommandFailure(" ".join(self.cmd), error.strerror) from None
+            raise ProxyCommandExited(self.command_line, self._ended(f"stopped reading ({error.strerror})")) from None
 
     def recv(self, size: int) -> bytes:
-        """Up to ``size`` bytes; b"" once the proxy has closed its output (paramiko's own spins there)."""
+        """Up to ``size`` bytes; ProxyCommandExited once the proxy has closed its output."""
         ready, _, _ = select.select([self._stdout], [], [], self.timeout)
         if not ready:
             raise socket.timeout()
         try:
-            return os.read(self._stdout, size)
+            data = os.read(self._stdout, size)
         except OSError as error:
-            raise paramiko.ProxyCommandFailure(" ".join(self.cmd), error.strerror) from None
+            raise ProxyCommandExited(self.command_line, self._ended(f"broke its output ({error.strerror})")) from None
+        if not data:
+            raise ProxyCommandExited(self.command_line, self._ended("closed its output"))
+        self._reads += 1
+        if self._reads % 1024 == 0:
+            _trim(self._stderr)
+        return data
 
     def close(self) -> None:
-        """Close our ends (EOF ends the proxy) and terminate it; safe to call twice."""
+        """Close our ends (EOF ends most proxies), stop the group (TERM, then KILL after a grace); safe twice."""
         fds, self._stdin, self._stdout = (self._stdin, self._stdout), -1, -1
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        if self.pid and pid_alive(self.pid):
-            os.kill(self.pid, signal.SIGTERM)
+        self._read_status(0)
+        if _group_alive(self.pgid):
+            self._stopped = self._exit_status is None
+            _stop_group(self.pgid)
+
+    def outcome(self) -> str:
+        """What became of the command, for an error message: its exit status (or that it was stopped) and stderr."""
+        self._read_status(0)
+        if self._exit_status is not None:
+            how = f"exited {self._exit_status}"
+        elif self._stopped:
+            how = "was still running, so it was stopped"
+        else:
+            how = "is still running"
+        return f"ProxyCommand `{self.command_line}` {how}{_tail(self._stderr)}"
 
     @property
     def closed(self) -> bool:
-        return not self.pid or not pid_alive(self.pid)
+        return self._stdin < 0 or not _group_alive(self.pgid)
 
     @property
     def _closed(self) -> bool:
@@ -93,18 +136,93 @@ class DetachedProxyCommand(paramiko.ProxyCommand):
     def settimeout(self, timeout: float | None) -> None:
         self.timeout = timeout
 
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self._stderr)
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self._status)
 
-def _read_pid(fd: int, command_line: str) -> int:
-    deadline = time.monotonic() + _PID_WAIT_SECONDS
-    data = b""
-    while not data.endswith(b"\n") and (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        chunk = os.read(fd, 32) if ready else b""
-        if ready and not chunk:
-            break
-        data += chunk
+    def _ended(self, what: str) -> str:
+        """The outcome once the proxy stopped talking: wait a moment for its exit status, which says more."""
+        self._read_status(_EXIT_WAIT_SECONDS)
+        if self._exit_status is None:
+            return f"ProxyCommand `{self.command_line}` {what}{_tail(self._stderr)}"
+        return self.outcome()
+
+    def _read_status(self, wait_seconds: float) -> None:
+        if self._exit_status is not None:
+            return
+        ready, _, _ = select.select([self._status], [], [], wait_seconds)
+        if ready:
+            text = os.read(self._status, 32).strip()
+            self._exit_status = int(text) if text.isdigit() else None
+
+
+def proxy_outcome(sock: object) -> str:
+    """``"; ProxyCommand `…` exited 3: …"`` for a DetachedProxyCommand, else nothing: a suffix for messages."""
+    return f"; {sock.outcome()}" if isinstance(sock, DetachedProxyCommand) else ""
+
+
+def _private_file() -> int:
+    """An unlinked temporary file opened for appending (the proxy's stderr); its fd."""
+    fd, path = tempfile.mkstemp(prefix="relaykernel-proxy-")
+    os.unlink(path)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+    return fd
+
+
+def _tail(fd: int) -> str:
+    """``": last lines"`` of the stderr file, or ``" (nothing on stderr)"``."""
+    size = os.fstat(fd).st_size
+    text = os.pread(fd, _STDERR_TAIL_BYTES, max(0, size - _STDERR_TAIL_BYTES)).decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()][-_STDERR_TAIL_LINES:]
+    return ": " + " / ".join(lines) if lines else " (nothing on stderr)"
+
+
+def _trim(fd: int) -> None:
+    size = os.fstat(fd).st_size
+    if size > _STDERR_CAP_BYTES:
+        kept = os.pread(fd, _STDERR_TAIL_BYTES, size - _STDERR_TAIL_BYTES)
+        os.ftruncate(fd, 0)
+        os.write(fd, kept)  # O_APPEND: the proxy's later lines land after these
+
+
+def _stop_group(pgid: int) -> None:
+    for sig, wait_seconds in ((signal.SIGTERM, _GRACE_SECONDS), (signal.SIGKILL, _GRACE_SECONDS)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait_seconds
+        while _group_alive(pgid):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(_POLL_SECONDS)
+        else:
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a process of the group runs (zombies waiting for init do not count, where /proc tells)."""
     try:
-        return int(data)
-    except ValueError:
-        raise ConnectError(RELAY, command_line, "the ProxyCommand could not be started",
-                           f"check that {_SHELL} exists and that the command runs from a terminal") from None
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    members = _group_members(pgid)
+    return members is None or any(pid_alive(pid) for pid in members)
+
+
+def _group_members(pgid: int) -> list[int] | None:
+    """The pids in process group ``pgid`` per /proc, or None without /proc."""
+    try:
+        entries = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    members = []
+    for name in entries:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+            if int(fields[2]) == pgid:
+                members.append(int(name))
+    return members
