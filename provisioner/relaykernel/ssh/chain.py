@@ -18,9 +18,9 @@ from ..common.errors import RELAY, VM, ConnectError, ForwardRefused, HopError, L
 from ..common.protocol import BOOTSTRAP
 from .auth import authenticate
 from .config import HopSettings
-from .hostkeys import KnownHosts, fingerprint
+from .hostkeys import KnownHosts
 from .jump import JumpSocket
-from .proxy import DetachedProxyCommand
+from .proxy import DetachedProxyCommand, proxy_outcome
 
 log = logging.getLogger(__name__)
 
@@ -265,20 +265,22 @@ class SSHChain:
         return transport
 
     def _check_host_key(self, transport: paramiko.Transport, index: int, known: KnownHosts) -> None:
-        hop = self.hops[index]
-        key = transport.get_remote_server_key()
+        """Verify the hop's host key (recording it only for a host never pinned); close the transport on refusal."""
+        hop, name = self.hops[index], self.hop_name(index)
         trust_file = hop.known_hosts_files[0] if hop.known_hosts_files else "~/.ssh/known_hosts"
         try:
-            known.verify(
-                hop=self.hop_name(index), where=describe(hop), name=hop.known_hosts_name, key=key,
-                trust_file=trust_file,
-            )
-        except HopError as error:
-            if not (self.policy.accept_unknown_host_keys and type(error).__name__ == "UnknownHostKey"):
-                transport.close()
-                raise
-            log.warning("trusting new host key %s for %s", fingerprint(key), hop.known_hosts_name)
-            known.add(hop.known_hosts_name, key, trust_file)
+            key = transport.get_remote_server_key()  # SSHException when start_client timed out without raising
+            known.verify(hop=name, where=describe(hop), name=hop.known_hosts_name, key=key, trust_file=trust_file,
+                         dest=hop.alias, accept_unknown=self.policy.accept_unknown_host_keys)
+        except paramiko.SSHException:
+            transport.close()
+            timeout = hop.connect_timeout_seconds or self.policy.connect_timeout_seconds
+            problem = f"no SSH handshake within {timeout:g} s{proxy_outcome(transport.sock)}"
+            fix = "is its sshd up and answering? On a slow link raise ConnectTimeout or connect_timeout_seconds"
+            raise ConnectError(name, describe(hop), problem, fix) from None
+        except HopError:
+            transport.close()
+            raise
 
     def _switch_on_nodelay(self, transport: paramiko.Transport) -> None:
         """Run one exec on a jump connection so its sshd sets TCP_NODELAY (FACTS: Nagle)."""
@@ -322,15 +324,18 @@ def _prefer_fast_and_known(transport: paramiko.Transport, known_types: list[str]
 
 def _refused(hop: str, where: str, host: str, port: int, code: int, next_is_vm: bool) -> ForwardRefused:
     reason = _CHANNEL_OPEN_FAILED.get(code, f"code {code}")
-    if code == 1:
+    if code == 1 and next_is_vm:
         fix = (
-            f'allow it on the relay: AllowTcpForwarding yes, or permitopen="{host}:{port}" '
-            "on this key's authorized_keys line"
+            f"the relay lets your key open only the ports its authorized_keys line names (permitopen): check that "
+            f"{host}:{port} is the VM's tunnel port, as the cell's --remote-port, with HostName 127.0.0.1 in your "
+            f'ssh config; for another VM, add permitopen="127.0.0.1:{port}" to that line (docs/relay.md)'
         )
+    elif code == 1:
+        fix = f"this hop does not let your key open {host}:{port} (permitopen, or AllowTcpForwarding no in sshd_config)"
     elif next_is_vm:
         fix = (
-            f"nothing listens on {host}:{port} there: is the VM's reverse tunnel up? On the VM: "
-            f"ssh -N -R {port}:127.0.0.1:22 USER@RELAY"
+            f"nothing listens on {host}:{port} there: is the VM's tunnel up (its heartbeat cell shows it), and is "
+            f"{port} the port the cell forwards (--remote-port)?"
         )
     else:
         fix = f"is the service on {host}:{port} running?"
