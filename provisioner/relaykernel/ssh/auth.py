@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
 import paramiko
@@ -24,10 +25,11 @@ def authenticate(
     """Try each candidate key in OpenSSH's order; AuthError listing what was tried when none works."""
     tried: list[str] = []
     skipped: list[str] = []
-    for label, key in _candidate_keys(hop, policy, skipped):
-        tried.append(label)
-        if _try_key(transport, hop.user, key, name, where):
-            return
+    with contextlib.closing(_candidate_keys(hop, policy, skipped)) as candidates:  # closing ends the agent link
+        for label, key in candidates:
+            tried.append(label)
+            if _try_key(transport, hop.user, key, name, where):
+                return
     raise AuthError(name, where, _auth_problem(hop.user, tried, skipped), _auth_fix(hop, tried))
 
 
@@ -43,7 +45,7 @@ def _try_key(transport: paramiko.Transport, user: str, key: paramiko.PKey, name:
 
 def _candidate_keys(
     hop: HopSettings, policy: ChainPolicy, skipped: list[str]
-) -> Iterator[tuple[str, paramiko.PKey]]:
+) -> Generator[tuple[str, paramiko.PKey], None, None]:
     seen: set[str] = set()
     if policy.identity_file:
         yield from _file_key(policy.identity_file, skipped, seen)
@@ -70,18 +72,22 @@ def _file_key(path: str, skipped: list[str], seen: set[str]) -> Iterator[tuple[s
 
 
 def _agent_keys(seen: set[str]) -> Iterator[tuple[str, paramiko.PKey]]:
+    """The agent's keys; its socket stays open while they may sign, and closes when the caller is done with them."""
     if not os.environ.get("SSH_AUTH_SOCK"):
         return
     try:
-        keys = paramiko.Agent().get_keys()
+        agent = paramiko.Agent()
     except paramiko.SSHException as error:
         log.debug("ssh-agent unavailable: %s", error)
         return
-    for key in keys:
-        label = f"ssh-agent key {key.fingerprint}"
-        if label not in seen:
-            seen.add(label)
-            yield label, key
+    try:
+        for key in agent.get_keys():
+            label = f"ssh-agent key {key.fingerprint}"
+            if label not in seen:
+                seen.add(label)
+                yield label, key
+    finally:
+        agent.close()
 
 
 def _auth_problem(user: str, tried: list[str], skipped: list[str]) -> str:
