@@ -61,7 +61,8 @@ def test_missing_key(topology, tmp_path):
 
 def test_vm_not_forwarded_on_the_relay(topology, tmp_path):
     config = other_config(topology, tmp_path, vm_port=1)
-    start_expecting(topology, tmp_path, errors.ForwardRefused, "relay", "127.0.0.1:1", ssh_config_file=config)
+    message = start_expecting(topology, tmp_path, errors.ForwardRefused, "relay", "127.0.0.1:1", ssh_config_file=config)
+    assert "is the VM's tunnel port" in message and "widen" not in message
 
 
 def test_unknown_host_key(topology, tmp_path):
@@ -76,7 +77,7 @@ def test_unknown_host_key(topology, tmp_path):
     message = start_expecting(
         topology, tmp_path, errors.UnknownHostKey, "VM", "SHA256:", str(known), ssh_config_file=config
     )
-    assert "echo" in message
+    assert "relaykernel trust testvm --fingerprint SHA256:" in message
 
 
 def test_changed_host_key(topology, tmp_path):
@@ -93,7 +94,7 @@ def test_changed_host_key(topology, tmp_path):
     message = start_expecting(
         topology, tmp_path, errors.ChangedHostKey, "VM", "SHA256:", ssh_config_file=config
     )
-    assert "ssh-keygen" in message
+    assert "relaykernel trust testvm --replace --fingerprint SHA256:" in message
 
 
 def test_no_ipykernel_on_the_vm(topology, tmp_path):

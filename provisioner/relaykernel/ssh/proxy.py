@@ -13,7 +13,6 @@ its exit status to a pipe, so a proxy that fails is reported as "ProxyCommand `â
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import select
 import signal
@@ -165,10 +164,12 @@ def proxy_outcome(sock: object) -> str:
 
 def _private_file() -> int:
     """An unlinked temporary file opened for appending (the proxy's stderr); its fd."""
-    fd, path = tempfile.mkstemp(prefix="relaykernel-proxy-")
-    os.unlink(path)
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
-    return fd
+    created, path = tempfile.mkstemp(prefix="relaykernel-proxy-")
+    try:
+        return os.open(path, os.O_RDWR | os.O_APPEND)
+    finally:
+        os.close(created)
+        os.unlink(path)
 
 
 def _tail(fd: int) -> str:
