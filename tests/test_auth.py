@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -31,8 +32,11 @@ def agent(topology, tmp_path, monkeypatch) -> Iterator[subprocess.Popen[bytes]]:
 
 def agent_clients(agent: subprocess.Popen[bytes]) -> int:
     """Sockets the agent holds open besides its listening one: one per connected client."""
-    fds = Path(f"/proc/{agent.pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:")) - 1
+    links = []
+    for fd in Path(f"/proc/{agent.pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            links.append(os.readlink(fd))
+    return sum(1 for link in links if link.startswith("socket:")) - 1
 
 
 def test_agent_connections_close_after_each_hop_logs_in(topology, tmp_path, agent):

@@ -160,7 +160,7 @@ def running(marker: str) -> list[str]:
 def test_a_hanging_proxy_command_leaves_no_process_behind(topology, tmp_path, script):
     marker = f"318.{secrets.randbelow(10**6):06d}"
     config = proxied_config(topology, tmp_path, f'sh -c "{script.format(marker=marker)}"')
-    message = start_expecting(topology, tmp_path, errors.ConnectError, "relay", "no SSH handshake within 2 s",
+    message = start_expecting(topology, tmp_path, errors.ConnectError, "relay", "no answer within 2 s",
                               "ProxyCommand `sh -c", "was still running, so it was stopped",
                               ssh_config_file=config, connect_timeout_seconds=2.0)
     assert not running(f"sleep {marker}"), f"left behind after: {message}"

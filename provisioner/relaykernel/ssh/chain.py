@@ -258,7 +258,8 @@ class SSHChain:
         except (paramiko.SSHException, OSError, EOFError) as error:
             transport.close()
             raise ConnectError(
-                name, describe(hop), f"SSH handshake failed: {error or type(error).__name__}",
+                name, describe(hop),
+                f"SSH handshake failed: {error or type(error).__name__}{proxy_outcome(sock, error)}",
                 "is an SSH server listening there, and is the path to it up?"
             ) from None
         self._check_host_key(transport, index, known)
@@ -269,15 +270,9 @@ class SSHChain:
         hop, name = self.hops[index], self.hop_name(index)
         trust_file = hop.known_hosts_files[0] if hop.known_hosts_files else "~/.ssh/known_hosts"
         try:
-            key = transport.get_remote_server_key()  # SSHException when start_client timed out without raising
+            key = transport.get_remote_server_key()
             known.verify(hop=name, where=describe(hop), name=hop.known_hosts_name, key=key, trust_file=trust_file,
                          dest=hop.alias, accept_unknown=self.policy.accept_unknown_host_keys)
-        except paramiko.SSHException:
-            transport.close()
-            timeout = hop.connect_timeout_seconds or self.policy.connect_timeout_seconds
-            problem = f"no SSH handshake within {timeout:g} s{proxy_outcome(transport.sock)}"
-            fix = "is its sshd up and answering? On a slow link raise ConnectTimeout or connect_timeout_seconds"
-            raise ConnectError(name, describe(hop), problem, fix) from None
         except HopError:
             transport.close()
             raise

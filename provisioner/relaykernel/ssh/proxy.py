@@ -157,9 +157,11 @@ class DetachedProxyCommand(paramiko.ProxyCommand):
             self._exit_status = int(text) if text.isdigit() else None
 
 
-def proxy_outcome(sock: object) -> str:
-    """``"; ProxyCommand `…` exited 3: …"`` for a DetachedProxyCommand, else nothing: a suffix for messages."""
-    return f"; {sock.outcome()}" if isinstance(sock, DetachedProxyCommand) else ""
+def proxy_outcome(sock: object, error: BaseException) -> str:
+    """``"; ProxyCommand `…` was still running…"`` for a DetachedProxyCommand, unless ``error`` already says it."""
+    if not isinstance(sock, DetachedProxyCommand) or isinstance(error, ProxyCommandExited):
+        return ""
+    return f"; {sock.outcome()}"
 
 
 def _private_file() -> int:
