@@ -208,7 +208,6 @@ def test_an_outage_longer_than_the_lease_ends_plainly(path: Path_, tmp_path: Pat
     km.start_kernel()
     try:
         relayed = km.provisioner.relayed
-        pid = relayed.info()["remote_pid"]
         with Blackhole(path.emulator):
             assert wait_until(lambda: relayed.keeper.is_down, 10), "the hang went unnoticed"
             time.sleep(6.0)  # the lease (3 s) runs out on the VM meanwhile
@@ -216,8 +215,7 @@ def test_an_outage_longer_than_the_lease_ends_plainly(path: Path_, tmp_path: Pat
         assert relayed.poll() != 0
         assert any("while the link was down" in record.getMessage() and "lease expired" in record.getMessage()
                    for record in caplog.records), "the log must say the lease ran out during the outage"
-        assert wait_until(lambda: not vm_pids(path.sandbox.info, str(pid)), 10) is not False
-        assert not vm_pids(path.sandbox.info, f"run/{relayed.kernel_id}"), "something was left on the VM"
+        assert wait_until(lambda: not vm_pids(path.sandbox.info, f"run/{relayed.kernel_id}"), 10)
     finally:
         km.shutdown_kernel(now=True)
 

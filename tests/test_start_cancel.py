@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from relaykernel.common.errors import OperationTimeout, RelayKernelError
 from relaykernel.options import RelayOptions
 from relaykernel.relayed import RelayedKernel
 
-SLOW_PYTHON = "sh -c 'sleep 4; exec {python} \"$@\"' sh"  # the VM's python, after a pause: a slow launch
+SLOW_PYTHON = "sh -c 'sleep 4; exec {python} \"$@\"' {marker}"  # the VM's python after a pause: a slow launch
 LEASE_SECONDS = 3.0
 
 
@@ -25,11 +26,19 @@ def relaykernel_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("relaykernel-")]
 
 
-def nothing_left(topology: Any, ports: dict[str, int], kernel_id: str) -> None:
+def slow_python(topology: Any) -> tuple[str, str]:
+    marker = f"rk-slow-{uuid.uuid4().hex[:8]}"  # names the wrapper shell, so the test can see it go
+    return SLOW_PYTHON.format(python=topology.vm_python, marker=marker), marker
+
+
+def nothing_left(topology: Any, ports: dict[str, int], kernel_id: str, marker: str = "") -> None:
     assert wait_until(lambda: not relaykernel_threads(), 10), f"threads left: {relaykernel_threads()}"
     assert not [name for name, port in ports.items() if port and port_accepts(port)], "a local listener was left"
+    if marker:  # a launch still on its way to the VM must come to nothing once it gets there
+        assert wait_until(lambda: not vm_pids(topology, marker), 15), "the slow launch never ran"
+        time.sleep(1.0)
     # Whatever reached the VM ends by its lease at the latest.
-    assert wait_until(lambda: not vm_pids(topology, kernel_id), LEASE_SECONDS + 10) == [], "a kernel was left"
+    assert wait_until(lambda: not vm_pids(topology, kernel_id), LEASE_SECONDS + 10), "a kernel was left"
 
 
 def started_step(relayed: RelayedKernel, step: str) -> Callable[[], bool]:
@@ -44,9 +53,8 @@ def started_step(relayed: RelayedKernel, step: str) -> Callable[[], bool]:
 
 @pytest.mark.parametrize("step", ["connect", "launch", "begin"])
 def test_cancel_at_each_step_of_a_start_leaves_nothing(topology: Any, tmp_path: Path, step: str) -> None:
-    slow = step == "launch"
-    config = relay_config(topology, tmp_path, lease_seconds=LEASE_SECONDS,
-                          remote_python=SLOW_PYTHON.format(python=topology.vm_python) if slow else topology.vm_python)
+    python, marker = slow_python(topology) if step == "launch" else (topology.vm_python, "")
+    config = relay_config(topology, tmp_path, lease_seconds=LEASE_SECONDS, remote_python=python)
     config.pop("sync_local_dir")
     relayed = RelayedKernel(RelayOptions(**config, sync_local_dir="none"), kernel_id=f"cancel-{step}-{time.time_ns()}")
     outcome: list[BaseException | dict[str, int]] = []
@@ -69,7 +77,7 @@ def test_cancel_at_each_step_of_a_start_leaves_nothing(topology: Any, tmp_path: 
     if step != "begin":
         assert isinstance(outcome[0], RelayKernelError), f"a cancelled start must fail plainly, not {outcome[0]!r}"
     relayed.close()  # the front closes a start that ended anyway, as the provisioner does
-    nothing_left(topology, ports, relayed.kernel_id)
+    nothing_left(topology, ports, relayed.kernel_id, marker)
 
 
 def test_a_start_over_its_time_budget_times_out_and_leaves_nothing(topology: Any, tmp_path: Path,
@@ -77,13 +85,13 @@ def test_a_start_over_its_time_budget_times_out_and_leaves_nothing(topology: Any
     from relaykernel.provisioner import RelayProvisioner
 
     monkeypatch.setattr(RelayProvisioner, "_start_timeout_seconds", lambda self: 1.5)
-    config = relay_config(topology, tmp_path, lease_seconds=LEASE_SECONDS,
-                          remote_python=SLOW_PYTHON.format(python=topology.vm_python))
+    python, marker = slow_python(topology)
+    config = relay_config(topology, tmp_path, lease_seconds=LEASE_SECONDS, remote_python=python)
     km = kernel_manager(tmp_path, config)
     with pytest.raises(OperationTimeout, match="did not finish within"):
         km.start_kernel()
     ports = {name: getattr(km, name) for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")}
-    nothing_left(topology, ports, km.kernel_id)
+    nothing_left(topology, ports, km.kernel_id, marker)
 
 
 def test_the_keeper_survives_an_unexpected_error_and_still_reconnects(topology_class: Any, tmp_path: Path,

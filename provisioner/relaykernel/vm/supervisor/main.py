@@ -149,7 +149,7 @@ def main() -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     line = sys.stdin.buffer.readline(MAX_LINE_BYTES)
-    leftover = drain_buffered_stdin()
+    leftover, ended = drain_buffered_stdin()
     try:
         request = parse_request(line)
     except RequestError as exc:
@@ -157,6 +157,8 @@ def main() -> int:
         return EXIT_LAUNCH_FAILED
     if request["mode"] == "attach":
         return attach(request, leftover)
+    if ended:  # the laptop closed the channel before we got here: nobody would ever reach this kernel
+        return EXIT_LAUNCH_FAILED
     return launch(request, leftover)
 
 

@@ -73,12 +73,21 @@ def error_event(reason: str, message: str) -> dict:
     return {"event": "error", "reason": reason, "message": message}
 
 
-def drain_buffered_stdin() -> bytes:
-    """Return what the bootstrap's buffered reader read ahead, without blocking: the loop reads fd 0 raw."""
+def drain_buffered_stdin() -> tuple[bytes, bool]:
+    """What the bootstrap's buffered reader read ahead (the loop reads fd 0 raw), and whether stdin has ended.
+
+    Never blocks. An ended stdin before the kernel starts means the laptop already gave up (a cancelled start):
+    then nothing is launched.
+    """
     was_blocking = os.get_blocking(STDIN_FD)
     os.set_blocking(STDIN_FD, False)
     try:
-        return sys.stdin.buffer.read() or b""
+        data = sys.stdin.buffer.read() or b""
+        try:
+            ended = os.read(STDIN_FD, 1 << 16)
+        except BlockingIOError:
+            return data, False
+        return data + ended, not ended
     finally:
         os.set_blocking(STDIN_FD, was_blocking)
 
