@@ -26,6 +26,7 @@ from helpers import (
 from relaykernel.kernelspec import build_kernel_json, install_kernelspec
 from relaykernel.options import RelayOptions
 from relaykernel.relayed import build_chain
+from relaykernel.ssh.chain import SSHChain
 from relaykernel.sync.engine import WorkdirSync
 from relaykernel.sync.ignore import IgnoreRules
 from relaykernel.sync.remote import RemoteTree
@@ -41,14 +42,18 @@ def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def remote(topology, tmp_path) -> Iterator[RemoteTree]:
-    options = RelayOptions(**relay_config(topology, tmp_path))
-    chain = build_chain(options)
+def chain(topology, tmp_path) -> Iterator[SSHChain]:
+    chain = build_chain(RelayOptions(**relay_config(topology, tmp_path)))
     chain.connect()
-    root = f"rk-sync-{secrets.token_hex(4)}"
-    yield RemoteTree(chain, python_argv=options.python_argv(), root=f"~/{root}", timeout_seconds=30.0)
-    topology.vm_run(["rm", "-rf", root])
+    yield chain
     chain.close()
+
+
+@pytest.fixture
+def remote(topology, chain) -> Iterator[RemoteTree]:
+    root = f"rk-sync-{secrets.token_hex(4)}"
+    yield RemoteTree(chain, python_argv=[topology.vm_python], root=f"~/{root}", timeout_seconds=30.0)
+    topology.vm_run(["rm", "-rf", root])
 
 
 @pytest.fixture

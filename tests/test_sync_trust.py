@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import test_sync
 from helpers import execute, kernel_manager, relay_config, wait_until
 from relaykernel.options import RelayOptions
-from relaykernel.relayed import build_chain
 from relaykernel.ssh.chain import SSHChain
 from relaykernel.sync.engine import WorkdirSync
 from relaykernel.sync.ignore import IgnoreRules
@@ -25,20 +25,7 @@ from test_sync import visible, vm_tree, write
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 SECONDS = 10.0
-
-
-@pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
-@pytest.fixture
-def chain(topology, tmp_path) -> Iterator[SSHChain]:
-    options = RelayOptions(**relay_config(topology, tmp_path))
-    chain = build_chain(options)
-    chain.connect()
-    yield chain
-    chain.close()
+chain, no_ssh_agent = test_sync.chain, test_sync.no_ssh_agent  # the same fixtures
 
 
 @pytest.fixture
