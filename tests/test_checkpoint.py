@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -84,13 +85,76 @@ def test_many_small_files_go_into_one_pack_and_come_back(tmp_path):
 
 def test_old_checkpoints_are_dropped_with_what_only_they_used(work, tmp_path):
     storage = tmp_path / "drive"
-    saver = Checkpointer(workdir=work, storage=storage, keep=2)
+    saver = Checkpointer(workdir=work, storage=storage, keep=2, garbage_grace_seconds=0)
     for i in range(4):
         write(work, "outputs/metrics.json", f'{{"step": {i}}}')
         saver.checkpoint()
     assert len(saver.manifests()) == 2
     referenced = {e.sha256 for m in saver.manifests() for e in m.files.values()}
     assert {p.name for p in (storage / "objects").glob("*/*")} == referenced
+
+
+def test_unreferenced_objects_get_a_grace_period(work, tmp_path):
+    storage = tmp_path / "drive"
+    saver = Checkpointer(workdir=work, storage=storage, keep=1)
+    for i in range(3):
+        write(work, "outputs/metrics.json", f'{{"step": {i}}}')
+        saver.checkpoint()
+    referenced = {e.sha256 for m in saver.manifests() for e in m.files.values()}
+    kept = {p.name for p in (storage / "objects").glob("*/*")}
+    assert referenced < kept and len(kept - referenced) == 2, "young unreferenced objects must stay a while"
+
+
+_CHECKPOINT_LOOP = textwrap.dedent("""
+    import hashlib, json, sys, tempfile
+    from pathlib import Path
+    from relaykernel.vm.checkpoint import Checkpointer
+    work, storage, me, rounds = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    saver = Checkpointer(workdir=work, storage=storage, keep=2, garbage_grace_seconds=0, pack_min_files=3)
+    checked, failures = 0, []
+    for i in range(rounds):
+        (work / "outputs" / f"{me}-{i % 4}.txt").write_text(f"{me} round {i}")
+        (work / "outputs" / f"{me}-{i}-b.txt").write_text(str(i) * (i + 1))
+        made = saver.checkpoint()
+        with tempfile.TemporaryDirectory() as fresh:
+            try:
+                report = Checkpointer(workdir=Path(fresh), storage=storage).restore(made.id)
+            except Exception as error:
+                failures.append(f"{made.id}: {error}")
+                continue
+            if report.restored or report.kept_newer:  # else a later run's cleanup already dropped it
+                for path, entry in made.files.items():
+                    data = (Path(fresh) / path).read_bytes()
+                    if hashlib.sha256(data).hexdigest() != entry.sha256:
+                        failures.append(f"{made.id}: {path} restored wrong")
+                checked += 1
+    print(json.dumps({"checked": checked, "failures": failures}))
+""")
+
+
+@pytest.mark.parametrize("rounds", [12, pytest.param(50, marks=pytest.mark.slow)])
+def test_two_checkpoints_at_once_never_publish_a_broken_manifest(tmp_path, rounds):
+    """The cell's schedule and `relaykernel checkpoint now` at once, many times: every published manifest restores.
+
+    Without the store lock this fails within the first rounds (an object deleted before its manifest is published).
+    """
+    work, storage = tmp_path / "work", tmp_path / "drive" / "project"
+    (work / "outputs").mkdir(parents=True)
+    (tmp_path / "drive").mkdir()
+    runs = [subprocess.Popen([sys.executable, "-c", _CHECKPOINT_LOOP, str(work), str(storage), name, str(rounds)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("cell", "cli")]
+    results = []
+    for run in runs:
+        out, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err
+        results.append(json.loads(out))
+    assert [r["failures"] for r in results] == [[], []]
+    assert all(r["checked"] > 0 for r in results), results
+    for manifest in Checkpointer(workdir=work, storage=storage).manifests():
+        fresh = tmp_path / f"fresh-{manifest.id}"
+        Checkpointer(workdir=fresh, storage=storage).restore(manifest.id)
+        assert {p: hashlib.sha256((fresh / p).read_bytes()).hexdigest() for p in manifest.files} == \
+            {p: e.sha256 for p, e in manifest.files.items()}
 
 
 _KILLED_HALF_WAY = textwrap.dedent("""

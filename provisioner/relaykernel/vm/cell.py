@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import time
@@ -21,11 +22,13 @@ from ..common.destination import Destination
 from ..common.errors import VM, VMSetupError
 from ..common.protocol import RUN_ROOT
 from ..common.relay_keys import tunnel_key_line
+from ..common.version import CELL_INFO_FILE, cell_info
 from .checkpoint import DEFAULT_PATTERNS, Checkpointer, save_settings
 from .checkpoint_schedule import CheckpointSchedule
 from .keys import KeyPair, stable_key
 from .notebook_env import capture_notebook_env
 from .platforms import PLATFORMS, Platform
+from .private import PRIVATE_FILE, append_private, private_dir, tighten, tighten_tree, write_private
 from .sshd import SshdInfo, ensure_sshd
 from .status import VMStatus, gpu_summary, kernel_leases, runtime_left_seconds
 from .tunnel import UP, TunnelSupervisor
@@ -129,21 +132,26 @@ class HeartbeatCell:
         """Keys, sshd, the notebook's environment and the tunnel; returns the sshd the tunnel exposes."""
         settings = self.settings
         self._check_storage()
-        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tighten_tree(settings.state_dir, self._note)  # what an earlier run (or another tool) left readable
+        private_dir(settings.state_dir)
+        write_private(Path(os.path.expanduser(CELL_INFO_FILE)), json.dumps(cell_info()))
         keys_dir = settings.state_dir / "keys"
         host_key = None
         if os.geteuid() == 0:
             host_key = stable_key(storage_dir=settings.storage_dir / "host_keys", local_dir=keys_dir,
-                                  name=HOST_KEY_NAME, comment="relaykernel-vm-host")
+                                  name=HOST_KEY_NAME, comment="relaykernel-vm-host", note=self._note)
         self.tunnel_key = stable_key(storage_dir=settings.storage_dir, local_dir=keys_dir, name=TUNNEL_KEY_NAME,
-                                     comment=f"relaykernel-vm-tunnel-{settings.platform.name}")
+                                     comment=f"relaykernel-vm-tunnel-{settings.platform.name}", note=self._note)
+        known_hosts = settings.storage_dir / "relay_known_hosts"
+        append_private(known_hosts, "")  # ssh adds the relay's key with the default umask otherwise
+        tighten(known_hosts, PRIVATE_FILE, self._note)
         self._set_up_checkpoints()  # the restore comes before sshd: no kernel can start before it is done
         sshd = ensure_sshd(state_dir=settings.state_dir / "sshd", port=settings.sshd_port,
                            authorized_keys=list(settings.authorized_keys), host_key=host_key)
         capture_notebook_env()
         self.tunnel = TunnelSupervisor(
             relay=settings.relay, remote_port=settings.remote_port, sshd_port=sshd.port,
-            identity_file=self.tunnel_key.private_file, known_hosts_file=settings.storage_dir / "relay_known_hosts",
+            identity_file=self.tunnel_key.private_file, known_hosts_file=known_hosts,
             log_file=settings.state_dir / "tunnel.log", ssh_options=settings.ssh_options,
         ).start()
         self.tunnel.wait_until_up(_FIRST_UP_SECONDS)
@@ -172,13 +180,10 @@ class HeartbeatCell:
     def show(self, status: VMStatus) -> None:
         """Update the one status display (a new line per beat outside IPython), the status file and the log."""
         text = status.as_text(self.settings.platform.title, self.log_file)
-        staging = self.status_file.with_suffix(".tmp")
-        staging.write_text(status.as_json())
-        os.replace(staging, self.status_file)
-        with open(self.log_file, "a") as log:
-            failed = f", checkpoint {status.checkpoint}" if status.checkpoint.startswith("FAILED") else ""
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} tunnel {status.tunnel.status}, "
-                      f"{len(status.kernels)} kernel(s){failed}\n")
+        write_private(self.status_file, status.as_json())
+        failed = f", checkpoint {status.checkpoint}" if status.checkpoint.startswith("FAILED") else ""
+        append_private(self.log_file, f"{time.strftime('%Y-%m-%d %H:%M:%S')} tunnel {status.tunnel.status}, "
+                                      f"{len(status.kernels)} kernel(s){failed}\n")
         self._update_display(text)
 
     def stop(self) -> None:
@@ -188,6 +193,8 @@ class HeartbeatCell:
 
     def _check_storage(self) -> None:
         parent = self.settings.storage_dir.parent
+        if self.settings.platform.makes_storage_parent and not parent.is_dir():
+            private_dir(parent)  # a plain box: its disk is the persistent place
         if not parent.is_dir():
             fix = ("mount Google Drive first (from google.colab import drive; drive.mount('/content/drive'))"
                    if self.settings.platform.name == "colab" else "create it, or pass another storage directory")
@@ -212,8 +219,11 @@ class HeartbeatCell:
 
     def _say(self, line: str) -> None:
         print(line, flush=True)
-        with open(self.log_file, "a") as log:
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        private_dir(self.log_file.parent)
+        append_private(self.log_file, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def _note(self, line: str) -> None:
+        self._say(f"fixed a mode: {line}")
 
     def _update_display(self, text: str) -> None:
         try:

@@ -4,7 +4,9 @@ Layout under the storage root: ``objects/ab/<sha256>`` (one per distinct file co
 never copied twice), ``packs/<id>.tar`` (many small files of one checkpoint in one archive: a Drive-like FUSE
 mount is slow per file), and ``manifests/<id>.json``, written last under a temporary name and renamed, so a
 checkpoint exists exactly when its manifest does. Every file is written under a temporary name first; a copy that
-dies half way leaves a temporary, never a torn file under a final name.
+dies half way leaves a temporary, never a torn file under a final name. Checkpoints and restores of one store take
+turns (``lock``, an flock beside the store): the cell's schedule and ``relaykernel checkpoint now`` may overlap, and
+one run's cleanup must never delete what the other has stored but not yet published.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..common.errors import VM, CheckpointError
+from .checkpoint_lock import store_lock
+from .private import write_private
 
 TEMP_SUFFIX = ".rk-tmp"
 DEFAULT_PATTERNS = ("outputs/**", "checkpoints/**")
@@ -61,7 +65,8 @@ class Checkpointer:
 
     def __init__(self, *, workdir: Path, storage: Path, patterns: Sequence[str] = DEFAULT_PATTERNS,
                  pack_min_files: int = 64, pack_max_file_bytes: int = 1 << 20, keep: int = 3,
-                 mount: Path | None = None) -> None:
+                 mount: Path | None = None, garbage_grace_seconds: float = 3600.0,
+                 lock_timeout_seconds: float = 900.0) -> None:
         self.workdir = workdir
         self.storage = storage
         self.mount = mount or storage.parent  # must exist: the mounted folder (Drive's MyDrive, ~/work, …)
@@ -69,10 +74,12 @@ class Checkpointer:
         self.pack_min_files = pack_min_files
         self.pack_max_file_bytes = pack_max_file_bytes
         self.keep = keep
+        self.garbage_grace_seconds = garbage_grace_seconds  # unreferenced objects younger than this stay
+        self.lock_timeout_seconds = lock_timeout_seconds
 
     def checkpoint(self) -> Manifest:
         """Copy what changed since the latest checkpoint and publish a new one; CheckpointError if storage fails."""
-        with _storage_errors(self.storage, self.mount):
+        with _storage_errors(self.storage, self.mount), store_lock(self.storage, self.lock_timeout_seconds):
             previous = self.latest()
             manifest = Manifest(_new_id(), time.time())
             changed = []
@@ -127,7 +134,7 @@ class Checkpointer:
     def restore(self, checkpoint_id: str = "") -> RestoreReport:
         """Copy a checkpoint (the latest by default) into the work dir, never over a file newer than its copy."""
         report = RestoreReport()
-        with _storage_errors(self.storage, self.mount):
+        with _storage_errors(self.storage, self.mount), store_lock(self.storage, self.lock_timeout_seconds):
             chosen = [m for m in self.manifests() if not checkpoint_id or m.id == checkpoint_id]
             if not chosen:
                 return report
@@ -156,6 +163,7 @@ class Checkpointer:
         final = self.storage / "objects" / digest[:2] / digest
         if final.exists():
             staging.unlink()
+            os.utime(final)  # used again: young, so a cleanup's grace period covers it
         else:
             final.parent.mkdir(exist_ok=True)
             os.replace(staging, final)
@@ -199,14 +207,11 @@ class Checkpointer:
             (self.storage / "manifests" / f"{manifest.id}.json").unlink(missing_ok=True)
         used_objects = {e.sha256 for m in kept for e in m.files.values() if not e.pack}
         used_packs = {e.pack for m in kept for e in m.files.values() if e.pack}
-        for path in (self.storage / "objects").glob("*/*"):
-            if path.name not in used_objects:
-                path.unlink(missing_ok=True)
-        for path in (self.storage / "packs").glob("*.tar"):
-            if path.name not in used_packs:
-                path.unlink(missing_ok=True)
-        for path in self.storage.glob(f"*/*{TEMP_SUFFIX}"):
-            if time.time() - path.stat().st_mtime > 3600:  # a checkpoint killed half way, long ago
+        unused = [p for p in (self.storage / "objects").glob("*/*") if p.name not in used_objects]
+        unused += [p for p in (self.storage / "packs").glob("*.tar") if p.name not in used_packs]
+        unused += list(self.storage.glob(f"*/*{TEMP_SUFFIX}"))  # a checkpoint killed half way
+        for path in unused:
+            if time.time() - path.stat().st_mtime >= self.garbage_grace_seconds:
                 path.unlink(missing_ok=True)
 
     def _restore_file(self, path: str, entry: Entry, target: Path) -> None:
@@ -319,12 +324,8 @@ SETTINGS_FILE = "~/.relaykernel/checkpoint.json"  # the heartbeat cell's setting
 
 def save_settings(*, workdir: Path, storage: Path, mount: Path, patterns: Sequence[str]) -> None:
     """Record where the cell checkpoints, so a command run over SSH later finds the same place."""
-    target = Path(os.path.expanduser(SETTINGS_FILE))
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     document = {"workdir": str(workdir), "storage": str(storage), "mount": str(mount), "patterns": list(patterns)}
-    staging = target.with_name(target.name + TEMP_SUFFIX)
-    staging.write_text(json.dumps(document))
-    os.replace(staging, target)
+    write_private(Path(os.path.expanduser(SETTINGS_FILE)), json.dumps(document))
 
 
 def from_settings() -> Checkpointer:

@@ -2,19 +2,19 @@
 
 A new VM comes with a new host key, and the laptop then refuses it as changed. Keeping the key in the platform's
 persistent storage (a mounted Drive, ~/work, /kaggle/working) and restoring it on the next VM keeps the
-fingerprint the laptop pinned. Storage such as Drive cannot hold 0600 files, so the working copy lives in a
-private local directory and storage only keeps the backup.
+fingerprint the laptop pinned. Storage such as Drive may not keep modes, so the working copy lives in a private
+local directory and storage only keeps the backup (0600 in a 0700 folder wherever the storage honours modes).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.errors import VM, VMSetupError
+from .private import PRIVATE_DIR, PRIVATE_FILE, private_dir, tighten, write_private
 
 
 @dataclass(frozen=True)
@@ -38,39 +38,45 @@ class KeyPair:
         return listing.split()[1]
 
 
-def stable_key(*, storage_dir: Path, local_dir: Path, name: str, comment: str) -> KeyPair:
-    """The key ``name``: restored from storage if it is there, else made now and saved there."""
-    local_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+def stable_key(*, storage_dir: Path, local_dir: Path, name: str, comment: str,
+               note: Callable[[str], None] | None = None) -> KeyPair:
+    """The key ``name``: restored from storage if it is there, else made now and saved there.
+
+    Both copies end 0600 in 0700 folders; a kept key found looser is tightened and NOTE says so.
+    """
+    private_dir(local_dir, note)
     local, kept = local_dir / name, storage_dir / name
     restored = kept.is_file() and kept.with_name(name + ".pub").is_file()
     if restored:
-        _install_private(kept, local)
-        shutil.copyfile(kept.with_name(name + ".pub"), local.with_name(name + ".pub"))
+        _keep_private(storage_dir, name, note)
+        write_private(local, kept.read_bytes())
+        write_private(local.with_name(name + ".pub"), kept.with_name(name + ".pub").read_bytes())
     else:
         for stale in (local, local.with_name(name + ".pub")):
             stale.unlink(missing_ok=True)
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(local)])
+        tighten(local.with_name(name + ".pub"), PRIVATE_FILE)
         _save(local, storage_dir)
     return KeyPair(local, restored)
 
 
-def _install_private(source: Path, target: Path) -> None:
-    """Copy a private key to a 0600 file (sshd and ssh refuse keys others can read)."""
-    staging = target.with_name(target.name + ".tmp")
-    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(source.read_bytes())
-    os.replace(staging, target)
+def _keep_private(storage_dir: Path, name: str, note: Callable[[str], None] | None) -> None:
+    """The kept copies, as found: tightened to 0600 (folder 0700) with a note when looser."""
+    try:
+        tighten(storage_dir, PRIVATE_DIR, note)
+        for part in (name, name + ".pub"):
+            tighten(storage_dir / part, PRIVATE_FILE, note)
+    except OSError as error:
+        if note is not None:
+            note(f"cannot tighten the modes in {storage_dir}: {error.strerror or error}")
 
 
 def _save(local: Path, storage_dir: Path) -> None:
-    """Back both halves up to storage, each written whole before it takes its final name."""
+    """Back both halves up to storage (0600 in a 0700 folder), each written whole before it takes its name."""
     try:
-        storage_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(storage_dir)
         for part in (local, local.with_name(local.name + ".pub")):
-            staging = storage_dir / (part.name + ".tmp")
-            shutil.copyfile(part, staging)
-            os.replace(staging, storage_dir / part.name)
+            write_private(storage_dir / part.name, part.read_bytes())
     except OSError as error:
         raise VMSetupError(
             VM, "storage", f"cannot keep {local.name} in {storage_dir}: {error.strerror or error}",

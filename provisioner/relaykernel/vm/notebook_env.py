@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from ..common.protocol import NOTEBOOK_ENV_FILE
+from .private import write_private
 
 # What belongs to this process or its login and would be wrong in another one.
 _SKIPPED_NAMES = frozenset({
@@ -32,11 +34,7 @@ def notebook_variables(environ: Mapping[str, str]) -> dict[str, str]:
 
 def capture_notebook_env(environ: Mapping[str, str] | None = None, path: str = NOTEBOOK_ENV_FILE) -> str:
     """Write the notebook's variables for kernels to apply; the file's path."""
-    target = os.path.expanduser(path)
-    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-    staging = f"{target}.{os.getpid()}.tmp"
-    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(notebook_variables(os.environ if environ is None else environ), handle, indent=1, sort_keys=True)
-    os.replace(staging, target)
-    return target
+    target = Path(os.path.expanduser(path))
+    variables = notebook_variables(os.environ if environ is None else environ)
+    write_private(target, json.dumps(variables, indent=1, sort_keys=True))
+    return str(target)

@@ -15,6 +15,7 @@ class Platform:
     runtime_limit_hours: float | None
     laptop_alias: str
     workdir: str  # the stock kernelspec's remote_workdir: where kernels run, what checkpoints come from
+    makes_storage_parent: bool = False  # True where any folder persists (a plain box): the cell creates it
 
 
 PLATFORMS = {
@@ -22,5 +23,6 @@ PLATFORMS = {
     "aistudio": Platform("aistudio", "AI Studio", "~/work/.relaykernel", None, "aistudio", "~/work/relaykernel"),
     "kaggle": Platform("kaggle", "Kaggle", "/kaggle/working/.relaykernel", 12.0, "kaggle",
                        "/kaggle/working/relaykernel"),
-    "generic": Platform("generic", "this VM", "~/.relaykernel/storage", None, "notebook-vm", "~/relaykernel"),
+    "generic": Platform("generic", "Linux", "~/.relaykernel/storage", None, "notebook-vm", "~/relaykernel",
+                       makes_storage_parent=True),
 }

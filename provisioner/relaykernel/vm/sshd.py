@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..common.errors import VM, VMSetupError
 from .keys import KeyPair
+from .private import private_dir, tighten_tree, write_private
 
 LOOPBACK = "127.0.0.1"
 _START_SECONDS = 10.0
@@ -38,8 +39,8 @@ def ensure_sshd(*, state_dir: Path, port: int, authorized_keys: list[str], host_
 
 def _own_sshd(state_dir: Path, port: int, authorized_keys: list[str], host_key: KeyPair) -> SshdInfo:
     binary = _sshd_binary()
-    keys_file = _write_private(state_dir / "authorized_keys", "".join(f"{line}\n" for line in authorized_keys))
-    config = _write_private(state_dir / "sshd_config", _config_text(state_dir, port, host_key, keys_file))
+    keys_file = write_private(state_dir / "authorized_keys", "".join(f"{line}\n" for line in authorized_keys))
+    config = write_private(state_dir / "sshd_config", _config_text(state_dir, port, host_key, keys_file))
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
     check = subprocess.run([binary, "-t", "-f", str(config)], capture_output=True, text=True, timeout=30)
     if check.returncode != 0:
@@ -49,6 +50,7 @@ def _own_sshd(state_dir: Path, port: int, authorized_keys: list[str], host_key: 
         os.kill(pid, signal.SIGHUP)  # re-read the config and keys; connections in progress stay up
     else:
         _start(binary, config, state_dir / "sshd.log", port)
+    tighten_tree(state_dir)  # sshd writes its pid file with the default umask
     return SshdInfo(port, host_key.public_key, managed=True)
 
 
@@ -81,6 +83,7 @@ def _sshd_binary() -> str:
 
 
 def _start(binary: str, config: Path, log_file: Path, port: int) -> None:
+    write_private(log_file, log_file.read_bytes() if log_file.exists() else b"")  # sshd -E appends, keeps the mode
     started = subprocess.run([binary, "-f", str(config), "-E", str(log_file)], capture_output=True, text=True,
                              timeout=30)  # sshd detaches once it listens
     if started.returncode != 0 or not _wait_for_banner(port, _START_SECONDS):
@@ -99,8 +102,7 @@ def _running_sshd(port: int, authorized_keys: list[str]) -> SshdInfo:
 
 def _authorize_for_user(lines: list[str]) -> None:
     """Add missing lines to ~/.ssh/authorized_keys (0600 in a 0700 ~/.ssh, as sshd's StrictModes wants)."""
-    ssh_dir = Path.home() / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    ssh_dir = private_dir(Path.home() / ".ssh")
     keys_file = ssh_dir / "authorized_keys"
     present = keys_file.read_text().splitlines() if keys_file.exists() else []
     missing = [line for line in lines if line not in present]
@@ -140,14 +142,6 @@ def _running_pid(pid_file: Path) -> int:
     except (OSError, ValueError):
         return 0
     return pid
-
-
-def _write_private(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-    return path
 
 
 def stop_own_sshd(state_dir: Path) -> None:

@@ -6,11 +6,13 @@ import re
 import subprocess
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..common.destination import Destination
+from .private import open_private_log
 from .sshd import LOOPBACK
 
 UP, STARTING, DOWN, REFUSED, STOPPED = "up", "starting", "down", "refused", "stopped"
@@ -19,6 +21,7 @@ _FORWARD_REFUSED = re.compile(r"remote port forwarding failed for listen port (\
 _FAILURE = re.compile(r"denied|refused|failed|error|could not|closed|timed out|verification|no route|not known",
                       re.IGNORECASE)
 _FIRST_RETRY_SECONDS = 1.0
+_STOP_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class TunnelSupervisor:
         self.max_backoff_seconds = max_backoff_seconds
         self._state = TunnelState(STARTING, time.time())
         self._lock = threading.Lock()
+        self._process_lock = threading.Lock()  # stop() and a new ssh never cross: one sees the other
         self._stopping = threading.Event()
         self._process: subprocess.Popen[str] | None = None
         self._thread = threading.Thread(target=self._run, name="relaykernel-vm-tunnel", daemon=True)
@@ -83,11 +87,15 @@ class TunnelSupervisor:
     def stop(self) -> None:
         """End the tunnel and the thread; safe to call twice."""
         self._stopping.set()
-        process = self._process
+        with self._process_lock:
+            process = self._process
         if process is not None and process.poll() is None:
             process.terminate()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(_STOP_SECONDS)
+        if self._thread.is_alive() and process is not None:  # ssh ignored SIGTERM
+            process.kill()
+            self._thread.join(_STOP_SECONDS)
         self._set(STOPPED, "stopped on request")
 
     def wait_until_up(self, timeout_seconds: float) -> bool:
@@ -99,29 +107,46 @@ class TunnelSupervisor:
     def _run(self) -> None:
         delay, restarts = _FIRST_RETRY_SECONDS, 0
         while not self._stopping.is_set():
-            if self._run_once(restarts):  # it was up: a cut link comes back at once, not after the last backoff
+            if self._guarded_run_once(restarts):  # it was up: a cut link comes back at once, not after the last backoff
                 delay = _FIRST_RETRY_SECONDS
             if self._stopping.wait(delay):
                 return
             delay, restarts = min(delay * 2, self.max_backoff_seconds), restarts + 1
 
+    def _guarded_run_once(self, restarts: int) -> bool:
+        """One ssh run; an unexpected failure is logged with its traceback and the loop goes on."""
+        try:
+            return self._run_once(restarts)
+        except Exception as error:  # the thread's one guard: a dead loop would leave the VM unreachable
+            with open_private_log(self.log_file) as log:
+                log.write("relaykernel tunnel: unexpected error, retrying\n" + traceback.format_exc())
+            self._set(DOWN, f"unexpected error: {error!r}; retrying", restarts)
+            return False
+
     def _run_once(self, restarts: int) -> bool:
         """One ssh from start to exit; True if its forward came up."""
         self._set(STARTING, f"connecting to {self.relay}", restarts)
         was_up = False
-        with open(self.log_file, "a") as log:
-            self._process = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                text=True, start_new_session=True,  # a notebook interrupt (SIGINT to the group) must not cut it
-            )
-            assert self._process.stderr is not None
+        with open_private_log(self.log_file) as log:
+            with self._process_lock:
+                if self._stopping.is_set():
+                    return False
+                process = self._process = subprocess.Popen(
+                    self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                    text=True, start_new_session=True,  # a notebook interrupt (SIGINT to the group) must not cut it
+                )
+            assert process.stderr is not None
             last_error = ""
-            for line in self._process.stderr:
+            for line in process.stderr:
                 log.write(line)
                 log.flush()
                 last_error = self._observe(line.strip(), restarts) or last_error
                 was_up = was_up or self.state.status == UP
-            code = self._process.wait()
+            try:
+                code = process.wait(_STOP_SECONDS)  # stderr closed: ssh is exiting
+            except subprocess.TimeoutExpired:
+                process.kill()
+                code = process.wait(_STOP_SECONDS)
         if self.state.status != REFUSED:
             self._set(DOWN, f"ssh exited ({code}){': ' + last_error if last_error else ''}", restarts)
         return was_up
