@@ -104,7 +104,7 @@ class CellTopology:
             account = pwd.getpwnam(user)
             prefix += ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups", "--"]
             env = {**env, "HOME": account.pw_dir, "USER": user, "LOGNAME": user}
-        env = {**env, "PYTHONPATH": str(PROVISIONER_DIR), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        env = {**env, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # a fresh VM: no relaykernel, no PYTHONPATH
         with open(log, "ab") as output:
             process = subprocess.Popen([*prefix, VM_PYTHON, "-u", "-c", source], env=env, stdin=subprocess.DEVNULL,
                                        stdout=output, stderr=subprocess.STDOUT, start_new_session=True)

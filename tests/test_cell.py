@@ -16,7 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cell_topology import PROVISIONER_DIR, VM_ALIAS, CellTopology
+from cell_topology import VM_ALIAS, CellTopology
 from helpers import execute, kernel_manager, wait_until
 from relaykernel.cli.cell import cell_source
 from relaykernel.sandbox.keys import known_hosts_line
@@ -61,6 +61,13 @@ class Cell:
         self.marker = secrets.token_hex(8)
         env = {MARKER: self.marker, "LD_LIBRARY_PATH": "/usr/lib64-nvidia"}
         self.process = vm.run_cell(self.source, user=user, log=log, env=env)
+
+    @classmethod
+    def watch(cls, process: subprocess.Popen[bytes], state_dir: Path, log: Path) -> Cell:
+        """A cell some other way started (a notebook's cell source run as it is)."""
+        cell = cls.__new__(cls)
+        cell.state_dir, cell.log, cell.process, cell.marker, cell.source = state_dir, log, process, "", ""
+        return cell
 
     def status(self) -> dict:
         try:
@@ -229,16 +236,20 @@ def test_non_root_cell_reuses_the_platform_sshd(vm, tmp_path):
     saved = keys_file.read_bytes() if keys_file.exists() else None
     try:
         subprocess.run(["runuser", "-u", VM_USER, "--", "mkdir", "-p", str(storage)], check=True)
-        cell = start_cell(vm, tmp_path, storage, state, user=VM_USER)
+        cell = start_cell(vm, tmp_path, storage, state, user=VM_USER, platform="aistudio",
+                          workdir=str(home / "rk-work"))
+        assert "pip install" not in cell.source
         bring_up(vm, cell, storage)
+        assert private_modes(state, storage, *cell_files_at_home(home), store=storage / "rk-work") == {}
         assert not (storage / "host_keys").exists(), "only root runs its own sshd with a kept host key"
         scanned = subprocess.run(["ip", "netns", "exec", vm.netns, "ssh-keyscan", "-t", "ed25519", "127.0.0.1"],
                                  capture_output=True, text=True, check=True).stdout.split()
         km, client = relay_kernel(vm, tmp_path, vm_user=VM_USER,
                                   known=[known_hosts_line(vm.forward_port, f"{scanned[1]} {scanned[2]}")])
         try:
-            out, _ = execute(client, f"import getpass, os; print(getpass.getuser(), os.environ['{MARKER}'])")
-            assert out.split() == [VM_USER, cell.marker]
+            out, _ = execute(client, f"import getpass, os; print(getpass.getuser(), os.environ['{MARKER}']); "
+                                     + NOT_INSTALLED)
+            assert out.split("\n")[:2] == [f"{VM_USER} {cell.marker}", "relaykernel on the VM: None"], out
         finally:
             stop_kernel(km, client)
         assert cell.interrupt() == 0
@@ -249,7 +260,9 @@ def test_non_root_cell_reuses_the_platform_sshd(vm, tmp_path):
             keys_file.write_bytes(saved)
         shutil.rmtree(storage, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
-        shutil.rmtree(home / ".relaykernel/notebook-env.json", ignore_errors=True)
+        shutil.rmtree(home / "rk-work", ignore_errors=True)
+        for leftover in cell_files_at_home(home):
+            leftover.unlink(missing_ok=True)
 
 
 def test_the_printed_cell_is_what_runs(tmp_path):
@@ -330,9 +343,9 @@ def manifest_paths(storage: Path) -> set[str]:
 
 
 def checkpoint_cli(vm: CellTopology, ssh_config: str, *action: str) -> subprocess.CompletedProcess[str]:
-    python = f"env PYTHONPATH={PROVISIONER_DIR} /usr/bin/python3"  # the cell installed relaykernel this way
     return subprocess.run([sys.executable, "-m", "relaykernel", "checkpoint", VM_ALIAS, *action, "--ssh-config",
-                           ssh_config, "--remote-python", python], capture_output=True, text=True, timeout=60)
+                           ssh_config, "--remote-python", "/usr/bin/python3"], capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_checkpoints_reach_storage_and_a_fresh_vm_restores_them_before_the_first_cell(vm, tmp_path, root_state):
@@ -444,3 +457,87 @@ def test_a_kernel_that_ends_is_checkpointed_without_waiting_for_the_interval(vm,
         assert cell.interrupt() == 0
     finally:
         subprocess.run(["rm", "-rf", workdir], check=False)
+
+
+# ---- a fresh VM (no relaykernel installed, no package index) runs the cell as printed, for each preset ----
+
+NOT_INSTALLED = "import importlib.util; print('relaykernel on the VM:', importlib.util.find_spec('relaykernel'))"
+
+
+def private_modes(*roots: Path, store: Path | None = None) -> dict[str, str]:
+    """Files or folders under ROOTS that others may read or write (the checkpoint STORE's contents aside)."""
+    loose = {}
+    for root in roots:
+        paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+        for path in paths:
+            if store is not None and store in path.parents:
+                continue
+            mode = path.lstat().st_mode & 0o777
+            if mode & 0o077:
+                loose[str(path)] = oct(mode)
+    return loose
+
+
+def cell_files_at_home(home: Path) -> list[Path]:
+    return [home / ".relaykernel" / name for name in ("cell.json", "notebook-env.json", "checkpoint.json")]
+
+
+def check_a_kernel_starts_on_a_fresh_vm(vm: CellTopology, tmp_path: Path, *, vm_user: str, known: list[str],
+                                        workdir: str) -> None:
+    km, client = relay_kernel(vm, tmp_path, vm_user=vm_user, known=known, remote_workdir=workdir)
+    try:
+        out, _ = execute(client, f"import getpass; print(getpass.getuser()); {NOT_INSTALLED}")
+        assert out.split("\n")[:2] == [vm_user, "relaykernel on the VM: None"], out
+    finally:
+        stop_kernel(km, client)
+
+
+@pytest.fixture(scope="module")
+def shared_vm():
+    """One relay + bare VM for the preset runs: each run is a new cell on the same VM, as a user re-runs it."""
+    topology = CellTopology().start()
+    yield topology
+    topology.stop()
+
+
+@pytest.mark.parametrize("platform,via", [("generic", "printed"), ("kaggle", "--out"),
+                                          pytest.param("colab", "printed", marks=pytest.mark.slow)])
+def test_a_fresh_vm_runs_the_printed_cell_as_root(shared_vm, tmp_path, platform, via):
+    storage, state = tmp_path / "storage", Path.home() / ".relaykernel" / f"vm-test-{secrets.token_hex(4)}"
+    workdir = f"/root/rk-fresh-{secrets.token_hex(3)}"
+    arguments = shared_vm.cell_arguments(storage, platform=platform, workdir=workdir)
+    source = cell_source(**arguments, state_dir=str(state))
+    if via == "--out":
+        source = notebook_cell(tmp_path, arguments, state)
+    assert "pip install" not in source and "PYTHONPATH" not in source
+    log = tmp_path / "cell.log"
+    try:
+        process = shared_vm.run_cell(source, user="root", log=log, env={"LD_LIBRARY_PATH": "/usr/lib64-nvidia"})
+        cell = Cell.watch(process, state, log)
+        bring_up(shared_vm, cell, storage)
+        assert cell.status()["platform"] == platform
+        check_a_kernel_starts_on_a_fresh_vm(shared_vm, tmp_path, vm_user="root",
+                                            known=[vm_host_key_line(shared_vm, storage)], workdir=workdir)
+        assert private_modes(state, storage, *cell_files_at_home(Path.home()), store=storage / Path(workdir).name) \
+            == {}
+        assert cell.interrupt() == 0
+    finally:
+        shared_vm.kill_vm()  # the next run is a fresh VM: its own sshd on port 22
+        shutil.rmtree(state, ignore_errors=True)
+        subprocess.run(["rm", "-rf", workdir], check=False)
+
+
+def notebook_cell(tmp_path: Path, arguments: dict, state: Path) -> str:
+    """`relaykernel cell --out`'s notebook, written by the CLI, and the source of its one cell."""
+    key = tmp_path / "laptop.pub"
+    key.write_text(arguments["authorized_keys"][0] + "\n")
+    out = tmp_path / "bootstrap.ipynb"
+    argv = ["--platform", arguments["platform"], "--relay", arguments["relay"], "--remote-port",
+            str(arguments["remote_port"]), "--authorize", str(key), "--storage", arguments["storage_dir"],
+            "--heartbeat-seconds", "1", "--laptop-alias", arguments["laptop_alias"], "--workdir",
+            arguments["workdir"], "--state-dir", str(state), "--out", str(out)]
+    for option in arguments["ssh_options"]:
+        argv += ["--ssh-option", option]
+    subprocess.run([sys.executable, "-m", "relaykernel", "cell", *argv], check=True, capture_output=True, timeout=60)
+    (cell,) = nbformat.read(str(out), as_version=4).cells
+    return str(cell.source)

@@ -11,6 +11,7 @@ import ast
 import base64
 import hashlib
 import json
+import shlex
 import zlib
 from dataclasses import dataclass
 from importlib import resources
@@ -139,11 +140,22 @@ def importer_program(*, compressed: bool = True) -> bytes:
     return source.encode("utf-8")
 
 
-def vm_program(entry: str) -> bytes:
+def vm_program(entry: str, *, compressed: bool = True) -> bytes:
     """A program that imports ENTRY from the bundle, runs its ``main()`` and exits with what it returns."""
     if not entry.startswith("relaykernel.") or entry not in {module.name for module in vm_modules()}:
         raise ConfigError(f"{entry} is not a module of the VM side (relaykernel.vm / relaykernel.common)")
-    return importer_program() + f"sys.exit(run_main({entry!r}))\n".encode()
+    return importer_program(compressed=compressed) + f"sys.exit(run_main({entry!r}))\n".encode()
+
+
+# For short one-shot commands that need no stdin: the program rides in argv (no secret may go this way).
+ARGV_BOOTSTRAP = ("import base64,sys,zlib;p=zlib.decompress(base64.b64decode(sys.argv.pop(1)));"
+                  "exec(compile(p,'relaykernel-program','exec'))")
+
+
+def vm_command(python_argv: list[str], entry: str, args: list[str]) -> str:
+    """A shell command running ENTRY's main() with ARGS as sys.argv[1:]; stdin is left alone. Never for secrets."""
+    blob = base64.b64encode(zlib.compress(vm_program(entry, compressed=False), 9)).decode("ascii")
+    return shlex.join([*python_argv, "-c", ARGV_BOOTSTRAP, blob, *args])
 
 
 @dataclass(frozen=True)

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .bundle import OLDEST_PYTHON, vm_command
 from .common.errors import AuthError, ConnectError, ForwardRefused, HostKeyError, RelayKernelError
+from .common.version import __version__, version_mismatch
 from .options import RelayOptions
 from .relayed import build_chain
 from .ssh.chain import SSHChain, describe
 
-_PYTHON_CHECK = (
-    "import sys, ipykernel, importlib.util as u; "
-    "print(sys.version.split()[0], ipykernel.__version__, 'yes' if u.find_spec('debugpy') else 'no')"
-)
-_WORKDIR_CHECK = (
-    "import os, sys, tempfile; d = os.path.expanduser(sys.argv[1]); os.makedirs(d, exist_ok=True); "
-    "tempfile.TemporaryFile(dir=d).close(); print(os.path.abspath(d))"
-)
+_OLDEST = ".".join(map(str, OLDEST_PYTHON))
 _GPU_CHECK = "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true"
 
 
@@ -70,24 +66,52 @@ def _hop_checks(chain: SSHChain, index: int) -> Iterator[Check]:
 
 
 def _vm_checks(chain: SSHChain, options: RelayOptions) -> Iterator[Check]:
+    """The VM's python, ipykernel, work dir and cell version, from one run of the probe (relaykernel.vm.probe)."""
     python = shlex.join(options.python_argv())
-    status, out, err = _run(chain, f"{python} -c {shlex.quote(_PYTHON_CHECK)}", options)
-    if status != 0:
-        yield Check("remote python + ipykernel", False, _last_line(err) or f"exit {status}", _python_fix(python, err))
+    command = vm_command(options.python_argv(), "relaykernel.vm.probe", [options.kernel_workdir(None)])
+    status, out, err = _run(chain, command, options)
+    report = _last_json(out)
+    if report is None:
+        fix = f"set --remote-python to the VM's Python {_OLDEST} or newer (e.g. /usr/bin/python3)"
+        yield Check("remote python + ipykernel", False, _last_line(err) or f"exit {status}", fix)
         return
-    version, ipykernel, debugpy = (out.split() + ["?", "?", "?"])[:3]
-    yield Check("remote python + ipykernel", True, f"{python}: Python {version}, ipykernel {ipykernel}")
-    debugger = ipykernel.split(".")[0].isdigit() and int(ipykernel.split(".")[0]) >= 6 and debugpy == "yes"
-    yield Check("debugger (ipykernel >= 6 + debugpy)", True, "available" if debugger else
-                f"not available: {python} -m pip install debugpy, or install the spec with --no-debugger")
-    workdir = shlex.quote(options.kernel_workdir(None))
-    status, out, err = _run(chain, f"{python} -c {shlex.quote(_WORKDIR_CHECK)} {workdir}", options)
-    if status != 0:
-        yield Check("remote work dir writable", False, _last_line(err), "choose another --remote-workdir")
-        return
-    yield Check("remote work dir writable", True, out.strip())
+    if report.get("ipykernel") is None:
+        yield Check("remote python + ipykernel", False, f"{python}: Python {report['python']}, no ipykernel",
+                    f"install ipykernel on the VM: {python} -m pip install ipykernel")
+    else:
+        ipykernel = str(report["ipykernel"])
+        yield Check("remote python + ipykernel", True, f"{python}: Python {report['python']}, ipykernel {ipykernel}")
+        major = ipykernel.split(".")[0]
+        debugger = major.isdigit() and int(major) >= 6 and bool(report.get("debugpy"))
+        yield Check("debugger (ipykernel >= 6 + debugpy)", True, "available" if debugger else
+                    f"not available: {python} -m pip install debugpy, or install the spec with --no-debugger")
+    if report.get("workdir_error"):
+        yield Check("remote work dir writable", False, str(report["workdir_error"]),
+                    "choose another --remote-workdir (or fix its owner and modes on the VM)")
+    else:
+        yield Check("remote work dir writable", True, str(report["workdir"]))
+    yield _cell_check(report.get("cell"))
     status, out, _ = _run(chain, _GPU_CHECK, options)
     yield Check("GPU", True, "; ".join(out.strip().splitlines()) or "none visible (nvidia-smi absent or no GPU)")
+
+
+def _cell_check(info: dict | None) -> Check:
+    if not info:
+        return Check("VM cell version", True, "no cell info on the VM (set up without `relaykernel cell`?)")
+    mismatch = version_mismatch(__version__, info)
+    if mismatch:
+        return Check("VM cell version", False, mismatch)
+    return Check("VM cell version", True, f"relaykernel {info.get('relaykernel')} (protocol {info.get('protocol')})")
+
+
+def _last_json(text: str) -> dict | None:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            found = json.loads(line)
+        except ValueError:
+            continue
+        return found if isinstance(found, dict) else None
+    return None
 
 
 def _run(chain: SSHChain, command: str, options: RelayOptions) -> tuple[int, str, str]:
@@ -95,12 +119,6 @@ def _run(chain: SSHChain, command: str, options: RelayOptions) -> tuple[int, str
         return chain.run(command, options.command_timeout_seconds)
     except RelayKernelError as error:
         return 255, "", str(error)
-
-
-def _python_fix(python: str, stderr: str) -> str:
-    if "No module named" in stderr:
-        return f"install ipykernel on the VM: {python} -m pip install ipykernel"
-    return "set --remote-python to the VM's Python 3 (e.g. /usr/bin/python3)"
 
 
 def _last_line(text: str) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import time
 
+from ..bundle import vm_command
 from ..common.errors import VM, CheckpointError
 from ..options import RelayOptions
 from ..relayed import build_chain
@@ -27,16 +27,15 @@ def run(args: argparse.Namespace) -> int:
     chain = build_chain(options)
     try:
         chain.connect()
-        command = shlex.join([*options.python_argv(), "-m", "relaykernel.vm.checkpoint", args.action, args.id])
+        command = vm_command(options.python_argv(), "relaykernel.vm.checkpoint", [args.action, args.id])
         status, stdout, stderr = chain.run(command, options.command_timeout_seconds * 10)
     finally:
         chain.close()
     try:
         result = json.loads(stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise CheckpointError(VM, chain.vm_label, f"the VM could not run its checkpointer (exit {status}): "
-                              f"{stderr.strip()[-300:]}", "run the relaykernel cell on the VM first (it installs "
-                              "relaykernel there), and check remote_python") from None
+        problem = f"the VM could not run its checkpointer (exit {status}): {stderr.strip()[-300:]}"
+        raise CheckpointError(VM, chain.vm_label, problem, "check remote_python (Python 3.8 or newer)") from None
     if "error" in result:
         raise CheckpointError(VM, chain.vm_label, result["error"], "see the VM's heartbeat cell")
     print(_describe(args.action, result))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
 
 from ..common.errors import ConfigError
 from ..kernelspec import build_kernel_json, check_name, install_kernelspec, load_kernel_json
@@ -52,9 +55,16 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"installed kernelspec {name!r} in {path}")
     print(f"select {display_name!r} in JupyterLab's or VS Code's kernel picker; check the path with:")
-    jump = config.get("jump")
-    print(f"  relaykernel doctor {config['host']}" + (f" --jump {jump}" if jump else ""))
+    print(f"  {doctor_command(name, path)}")
     return 0
+
+
+def doctor_command(name: str, path: str) -> str:
+    """The doctor command for the spec just installed: by name where Jupyter finds it, else by its folder."""
+    found = KernelSpecManager().find_kernel_specs().get(name)
+    if found and os.path.realpath(found) == os.path.realpath(path):
+        return f"relaykernel doctor {name}"
+    return f"relaykernel doctor {name} --spec {shlex.quote(path)}"
 
 
 def _config(args: argparse.Namespace, template: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ _POLL_SECONDS = 0.05
 @contextlib.contextmanager
 def store_lock(storage: Path, timeout_seconds: float) -> Iterator[None]:
     """Hold the store's lock for the block; CheckpointError if another run holds it past TIMEOUT_SECONDS."""
-    storage.mkdir(parents=True, exist_ok=True)
+    private_dir(storage)  # its copies of the outputs are the user's: only the user may list them
     descriptor = _open_lockable(storage)
     try:
         deadline = time.monotonic() + timeout_seconds

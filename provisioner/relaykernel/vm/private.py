@@ -53,7 +53,12 @@ def tighten(path: Path, mode: int, note: Callable[[str], None] | None = None) ->
         return False
     if current & ~mode == 0:
         return False
-    path.chmod(current & mode)
+    try:
+        path.chmod(current & mode)
+    except OSError as error:  # storage that has no modes (some FUSE mounts): nothing more to do here
+        if note is not None:
+            note(f"{path} is mode {current:04o} and cannot be changed: {error.strerror or error}")
+        return False
     if note is not None:
         still = stat.S_IMODE(path.stat().st_mode)
         outcome = f"now {still:04o}" if still & ~mode == 0 else f"still {still:04o}: this storage ignores modes"

@@ -1,11 +1,12 @@
 """What doctor asks the VM: this Python, its ipykernel, the work dir's writability and the cell's version.
 
-Sent as a program (``relaykernel.bundle.vm_program``); reads one JSON line {"workdir": PATH} from stdin and
-answers one JSON line {"python", "ipykernel", "workdir", "workdir_error", "cell"}; exits 0.
+Sent as a program (``relaykernel.bundle``) with the work dir as its one argument; answers one JSON line
+{"python", "executable", "ipykernel", "debugpy", "workdir", "workdir_error", "cell", "program"} and exits 0.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -39,6 +40,7 @@ def report(workdir: str) -> dict:
         "python": sys.version.split()[0],
         "executable": sys.executable,
         "ipykernel": ipykernel_version(),
+        "debugpy": importlib.util.find_spec("debugpy") is not None,
         "workdir": os.path.abspath(os.path.expanduser(workdir)),
         "workdir_error": workdir_error(workdir),
         "cell": read_cell_info(),
@@ -47,12 +49,7 @@ def report(workdir: str) -> dict:
 
 
 def main() -> int:
-    line = sys.stdin.buffer.readline(65536)
-    try:
-        request = json.loads(line or b"{}")
-    except ValueError:
-        request = {}
-    workdir = request.get("workdir") if isinstance(request, dict) else None
-    sys.stdout.write(json.dumps(report(workdir if isinstance(workdir, str) else "~")) + "\n")
+    workdir = sys.argv[1] if len(sys.argv) > 1 else "~"
+    sys.stdout.write(json.dumps(report(workdir)) + "\n")
     sys.stdout.flush()
     return 0
