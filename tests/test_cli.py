@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,10 @@ def test_demo_prints_the_remote_outputs_and_cleans_up():
     assert "computed on the VM: 333332833333500000" in result.stdout
     assert "hello from a module in your local folder, synced to the VM" in result.stdout
     assert "nothing left running" in result.stdout
+    vm_port = re.search(r"-> VM sshd 127\.0\.0\.1:(\d+)", result.stdout)
+    assert vm_port and "reverse-forwarded by the VM's own `ssh -R`" in result.stdout and "simulated:" in result.stdout
+    arrived = re.search(r"session at the VM sshd \(from ip port, to ip port\): (\S+) (\d+) (\S+) (\d+)", result.stdout)
+    assert arrived and arrived.group(4) == vm_port.group(1), "the kernel's session must end at the VM sshd"
 
 
 def test_a_stock_kernelspec_works_once_ssh_config_names_its_host(topology, tmp_path):

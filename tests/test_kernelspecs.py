@@ -82,7 +82,7 @@ def test_install_writes_an_absolute_python_and_the_config(tmp_path, capsys):
         "remote_python": "/opt/py/bin/python",
         "remote_workdir": "/content/w",
     }
-    assert "relaykernel doctor colab" in capsys.readouterr().out
+    assert "relaykernel doctor myvm --spec " in capsys.readouterr().out  # the spec: its host, jump, python, dir
 
 
 def test_install_rejects_bad_input_with_a_fix(tmp_path, capsys):

@@ -25,6 +25,7 @@ CELLS = (
     "print('python:     ', sys.executable, platform.python_version())",
     "squares = sum(i * i for i in range(10**6))\nprint('computed on the VM:', squares)",
     "import mymodule\nprint(mymodule.greeting())",
+    "import os\nprint('session at the VM sshd (from ip port, to ip port):', os.environ.get('SSH_CONNECTION'))",
 )
 
 
@@ -42,11 +43,25 @@ def run(args: argparse.Namespace) -> int:
 
     print("starting a relay sshd, a VM sshd and the VM's reverse tunnel on 127.0.0.1 …", flush=True)
     with LoopbackSandbox() as info:
-        print(f"  relay {info.relay}   VM (via the relay's forwarded port) {info.vm}", flush=True)
+        for line in route(info):
+            print(line, flush=True)
         config = _relay_config(info)
-        status = _keep(config) if args.keep else _run_notebook(config)
+        status = _keep(config, info) if args.keep else _run_notebook(config)
     print("\nsandbox stopped; nothing left running.")
     return status
+
+
+def route(info: SandboxInfo) -> list[str]:
+    """The path a kernel takes, hop by hop, and plainly what this sandbox simulates."""
+    return [
+        "route: laptop (this process, paramiko)",
+        f"  -> relay sshd {info.relay} (ssh config alias {info.relay_alias})",
+        f"  -> the relay's 127.0.0.1:{info.forward_port}, reverse-forwarded by the VM's own `ssh -R` to the relay",
+        f"  -> VM sshd 127.0.0.1:{info.vm_sshd_port} as {info.vm_user} (alias {info.vm_alias}, reached only via the "
+        "relay)",
+        "simulated: the relay and the VM are two OpenSSH servers on this machine's loopback, run as you; on a real "
+        "VM the tunnel crosses the internet. The last cell shows the kernel's session arriving at the VM sshd's port.",
+    ]
 
 
 def _relay_config(info: SandboxInfo) -> dict[str, Any]:
@@ -91,11 +106,14 @@ def _output_text(output: Any) -> str:
     return output.get("data", {}).get("text/plain", "") + "\n"
 
 
-def _keep(config: dict[str, Any]) -> int:
+def _keep(config: dict[str, Any], info: SandboxInfo) -> int:
     path = install_kernelspec(
         name=SPEC_NAME, kernel_json=build_kernel_json(display_name=DISPLAY_NAME, config=config), user=True
     )
     print(f"\ninstalled kernelspec {SPEC_NAME!r} in {path}")
+    print(f"ssh config: {info.ssh_config_file} (Host {info.relay_alias} is the relay, Host {info.vm_alias} the VM "
+          f"through it; e.g. ssh -F {info.ssh_config_file} {info.vm_alias})")
+    print(f"check the path hop by hop: relaykernel doctor {SPEC_NAME}")
     print(f"start JupyterLab (jupyter lab) and pick {DISPLAY_NAME!r} in Kernel → Change Kernel…")
     print("press Ctrl-C here to stop the sandbox and remove the kernelspec", flush=True)
     try:
