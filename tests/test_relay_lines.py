@@ -18,8 +18,10 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from helpers import wait_until
+from helpers import VM_ALIAS, wait_until, write_ssh_config
 from relaykernel.common.relay_keys import laptop_key_line, relay_sshd_config, tunnel_key_line
+from relaykernel.doctor import Check, run_checks
+from relaykernel.options import RelayOptions
 from relaykernel.sandbox.keys import generate_keypairs
 from relaykernel.sandbox.ports import LOOPBACK, free_loopback_ports
 from relaykernel.sandbox.processes import stop_process_tree
@@ -122,18 +124,29 @@ def test_unix_socket_forwarding_is_refused(topology, which):
             target.accept()  # nothing reached the socket on the relay
 
 
-def test_a_second_vm_gets_its_own_port_and_the_laptop_cannot_take_it(topology, tmp_path):
-    """The several-VMs lines: VM 2's key listens on its port only; while it is away, the laptop cannot listen there."""
+@contextlib.contextmanager
+def relay_lines(topology, *lines: str) -> Iterator[None]:
+    """The relay's authorized_keys holds ``lines`` (and the VM's tunnel line) for a while, then what it held."""
     keys_file = Path(topology.state_dir) / "relay/sshd/authorized_keys" / topology.relay_user
     saved = keys_file.read_bytes()
-    (vm2_key,) = generate_keypairs([tmp_path / "vm2_tunnel_key"])
-    laptop_public = Path(topology.identity_file + ".pub").read_text().split()
     vm1_line = next(line for line in saved.decode().splitlines() if "permitlisten=\"127.0.0.1:" in line)
-    vm2_port, other_port = free_loopback_ports(2)
-    keys_file.write_text("\n".join([
-        laptop_key_line(" ".join(laptop_public[:2]), [topology.forward_port, vm2_port], "laptop"),
-        vm1_line, tunnel_key_line(vm2_key.public_key, vm2_port, "vm2-tunnel"), ""]))
+    keys_file.write_text("\n".join([*lines, vm1_line, ""]))
     try:
+        yield
+    finally:
+        keys_file.write_bytes(saved)
+
+
+def laptop_public_key(topology) -> str:
+    return " ".join(Path(topology.identity_file + ".pub").read_text().split()[:2])
+
+
+def test_a_second_vm_gets_its_own_port_and_the_laptop_cannot_take_it(topology, tmp_path):
+    """The several-VMs lines: VM 2's key listens on its port only; while it is away, the laptop cannot listen there."""
+    (vm2_key,) = generate_keypairs([tmp_path / "vm2_tunnel_key"])
+    vm2_port, other_port = free_loopback_ports(2)
+    laptop_line = laptop_key_line(laptop_public_key(topology), [topology.forward_port, vm2_port], "laptop")
+    with relay_lines(topology, laptop_line, tunnel_key_line(vm2_key.public_key, vm2_port, "vm2-tunnel")):
         target = f"{LOOPBACK}:{topology.relay_port}"  # the relay's sshd stands in for VM 2's
         with _background_ssh(topology, str(vm2_key.private_file), ["-N", "-R", f"{LOOPBACK}:{vm2_port}:{target}"]):
             assert wait_until(lambda: _accepts(vm2_port), 10), "VM 2's tunnel did not come up"
@@ -147,8 +160,28 @@ def test_a_second_vm_gets_its_own_port_and_the_laptop_cannot_take_it(topology, t
                            command=["true"])
         assert hijack.returncode == 255 and "remote port forwarding failed" in hijack.stderr, hijack
         assert relay_ssh(topology, topology.identity_file, command=["true"]).returncode == 0
-    finally:
-        keys_file.write_bytes(saved)
+
+
+def doctor_lines(topology, tmp_path) -> dict[str, Check]:
+    config = write_ssh_config(topology, tmp_path)
+    options = RelayOptions(host=VM_ALIAS, ssh_config_file=config, remote_python=topology.vm_python)
+    return {check.name: check for check in run_checks(options)}
+
+
+def test_doctor_says_the_laptop_key_cannot_listen(topology, tmp_path):
+    check = doctor_lines(topology, tmp_path)["relay key cannot listen"]
+    assert check.ok and not check.warn, check
+
+
+def test_doctor_warns_when_the_laptop_key_may_listen(topology, tmp_path):
+    port = topology.forward_port
+    old_style = f'restrict,port-forwarding,permitopen="{LOOPBACK}:{port}" {laptop_public_key(topology)}'
+    with relay_lines(topology, old_style):
+        checks = doctor_lines(topology, tmp_path)
+    check = checks["relay key cannot listen"]
+    assert check.ok and check.warn and "MAY LISTEN" in check.detail and "permitlisten" in check.fix, check
+    assert all(other.ok for other in checks.values()), "a warning stops nothing: the VM checks ran too"
+    assert "remote python + ipykernel" in checks
 
 
 def test_the_laptops_true_still_switches_on_nodelay(tmp_path):

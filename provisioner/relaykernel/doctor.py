@@ -13,6 +13,7 @@ from .common.version import __version__, version_mismatch
 from .options import RelayOptions
 from .relayed import build_chain
 from .ssh.chain import SSHChain, describe
+from .ssh.relay_probe import probe_relay_listen
 
 _OLDEST = ".".join(map(str, OLDEST_PYTHON))
 _GPU_CHECK = "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true"
@@ -26,6 +27,7 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    warn: bool = False  # ok, but worth fixing: printed with its fix
 
 
 def run_checks(options: RelayOptions) -> Iterator[Check]:
@@ -63,6 +65,8 @@ def _hop_checks(chain: SSHChain, index: int) -> Iterator[Check]:
     yield Check(f"{name} {reach}", True, where)
     yield Check(f"{name} host key", True, "known")
     yield Check(f"{name} auth", True, f"logged in as {hop.user}")
+    if index < len(chain.hops) - 1:
+        yield Check(f"{name} key cannot listen", *probe_relay_listen(chain, index))
 
 
 def _vm_checks(chain: SSHChain, options: RelayOptions) -> Iterator[Check]:

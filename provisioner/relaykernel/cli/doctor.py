@@ -46,12 +46,11 @@ def run(args: argparse.Namespace) -> int:
     for check in run_checks(options):
         log.debug("check %r: %s in %.3f s", check.name, "ok" if check.ok else "FAIL", time.monotonic() - started)
         started = time.monotonic()
-        mark = "ok  " if check.ok else "FAIL"
+        mark = ("WARN" if check.warn else "ok  ") if check.ok else "FAIL"
         print(f"{mark} {check.name:<28} {check.detail}", flush=True)
-        if not check.ok:
-            failed = True
-            if check.fix:
-                print(f"     fix: {check.fix}", flush=True)
+        failed = failed or not check.ok
+        if check.fix and (check.warn or not check.ok):
+            print(f"     fix: {check.fix}", flush=True)
     return 1 if failed else 0
 
 
