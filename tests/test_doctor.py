@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -84,3 +85,19 @@ def test_doctor_still_takes_a_destination(topology, tmp_path):
     result = relaykernel("doctor", VM_ALIAS, "--ssh-config", config, "--remote-python", topology.vm_python)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "a destination" in result.stdout.splitlines()[0]
+
+
+def test_doctor_names_both_versions_when_the_vms_cell_speaks_another_protocol(topology, tmp_path):
+    from relaykernel import __version__
+    from relaykernel.common.protocol import PROTOCOL_VERSION
+
+    older = json.dumps({"relaykernel": "0.0.9", "protocol": PROTOCOL_VERSION - 1})
+    write = f"mkdir -p ~/.relaykernel && printf '%s' {shlex.quote(older)} > ~/.relaykernel/cell.json"
+    assert topology.vm_run(["sh", "-c", write]).returncode == 0
+    try:
+        result = install_then_doctor(topology, tmp_path)
+    finally:
+        topology.vm_run(["sh", "-c", "rm -f ~/.relaykernel/cell.json"])
+    assert result.returncode == 1
+    line = next(line for line in result.stdout.splitlines() if "VM cell version" in line)
+    assert line.startswith("FAIL") and "0.0.9" in line and __version__ in line and "rerun the cell" in line
