@@ -7,8 +7,11 @@ import glob
 import hashlib
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from relaykernel.bundle import cell_payload, check_syntax, importer_program, vm_
 from relaykernel.common.errors import ConfigError
 from relaykernel.common.protocol import BOOTSTRAP, PROTOCOL_VERSION
 from relaykernel.common.version import version_mismatch
+from topology import VM_USER, ensure_user
 
 RUN_TIMEOUT_SECONDS = 60
 
@@ -29,11 +33,18 @@ def pythons() -> list[str]:
     return [sys.executable, *oldest[:1]]
 
 
-def run_bootstrapped(python: str, program: bytes, stdin: bytes, tmp_path: Path) -> subprocess.CompletedProcess:
+def run_bootstrapped(python: str, program: bytes, stdin: bytes, tmp_path: Path, user: str = "",
+                     args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``python -I -S -c BOOTSTRAP`` fed like an SSH exec channel, in an empty directory with an empty HOME."""
     env = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    return subprocess.run([python, "-I", "-S", "-c", BOOTSTRAP], input=b"%d\n" % len(program) + program + stdin,
-                          capture_output=True, cwd=tmp_path, env=env, timeout=RUN_TIMEOUT_SECONDS, check=False)
+    prefix = []
+    if user:  # a non-root VM user (AI Studio's kind): the same program, without root's reach
+        account = pwd.getpwnam(user)
+        os.chown(tmp_path, account.pw_uid, account.pw_gid)
+        prefix = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups", "--"]
+    return subprocess.run([*prefix, python, "-I", "-S", "-c", BOOTSTRAP, *args],
+                          input=b"%d\n" % len(program) + program + stdin, capture_output=True, cwd=tmp_path, env=env,
+                          timeout=RUN_TIMEOUT_SECONDS, check=False)
 
 
 def test_the_bundle_carries_every_vm_and_common_module_and_no_other() -> None:
@@ -52,14 +63,26 @@ def test_every_bundled_module_is_python_38_syntax() -> None:
     assert "relaykernel.vm.probe" in check_syntax((3, 8))
 
 
-@pytest.mark.parametrize("python", pythons())
-def test_program_runs_in_a_bare_interpreter(python: str, tmp_path: Path) -> None:
-    (tmp_path / "work").mkdir()
-    result = run_bootstrapped(python, vm_program("relaykernel.vm.probe"),
-                              json.dumps({"workdir": str(tmp_path / "work")}).encode() + b"\n", tmp_path)
+def interpreters() -> list[tuple[str, str]]:
+    """(python, user): the tests' own and the oldest as the current user; Debian's as the VM user when root."""
+    cases = [(python, "") for python in pythons()]
+    if os.geteuid() == 0 and shutil.which("setpriv") and os.path.exists("/usr/bin/python3"):
+        ensure_user(VM_USER)
+        cases.append(("/usr/bin/python3", VM_USER))  # a non-root VM user (AI Studio's kind)
+    return cases
+
+
+@pytest.mark.parametrize("python,user", interpreters())
+def test_program_runs_in_a_bare_interpreter(python: str, user: str, tmp_path: Path,
+                                            request: pytest.FixtureRequest) -> None:
+    if user:  # pytest's tmp folders are root's alone: the user gets one of its own
+        tmp_path = Path(tempfile.mkdtemp(prefix="rk-bundle-"))
+        request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
+    work = tmp_path / "work"
+    result = run_bootstrapped(python, vm_program("relaykernel.vm.probe"), b"", tmp_path, user, (str(work),))
     assert result.returncode == 0, result.stderr.decode()
     report = json.loads(result.stdout)
-    assert report["workdir_error"] is None and report["cell"] is None
+    assert report["workdir_error"] is None and report["cell"] is None and work.is_dir()
     assert report["program"] == {"relaykernel": __version__, "protocol": PROTOCOL_VERSION}
     expected = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True,
                               text=True, check=True, timeout=RUN_TIMEOUT_SECONDS).stdout.strip()
