@@ -16,12 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
+from nbclient import NotebookClient
 
 from helpers import (
     VM_ALIAS,
     environment_without_agent,
     execute,
+    install_spec,
     kernel_manager,
     relay_config,
     vm_pids,
@@ -150,6 +153,30 @@ def test_doctor_reads_the_config_file_and_checks_the_debugger(topology, tmp_path
         CONFIG_LINE + f"c.RelayOptions.remote_python = '{topology.vm_python} -S'\n")  # -S: no site, no ipykernel
     result = doctor(topology, tmp_path)
     assert result.returncode == 1 and "FAIL remote python + ipykernel" in result.stdout, result.stdout
+
+
+# --- the client's arguments ----------------------------------------------------------------------------------------
+
+def test_nbclients_check_history_in_memory_notebook_passes(topology, tmp_path, monkeypatch):
+    # nbclient's own tests/files/Check History in Memory.ipynb: nbclient adds --HistoryManager.hist_file=:memory:
+    # to a kernel's extra_arguments only for kernels named python, python2 or python3.
+    source = "from IPython import get_ipython\n\nip = get_ipython()\nassert ip.history_manager.hist_file == ':memory:'"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    install_spec(tmp_path, relay_config(topology, tmp_path), name="python3")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))  # kernels/python3 there wins over any other python3
+    NotebookClient(notebook, kernel_name="python3", timeout=60, startup_timeout=60).execute()
+    assert notebook.cells[0].outputs == []
+
+
+def test_a_vscode_style_launch_passes_appended_arguments_on_word_for_word(topology, tmp_path):
+    appended = ["--HistoryManager.hist_file=:memory:", "--IPKernelApp.exec_lines=relaykernel_probe = 'a b;$c'"]
+    kernel = vscode_kernel(topology, tmp_path, relay_config(topology, tmp_path), appended)
+    kernel.launch()
+    try:
+        out, _ = execute(kernel.client, "print(get_ipython().history_manager.hist_file, repr(relaykernel_probe))")
+        assert out.strip() == ":memory: 'a b;$c'", kernel.stderr_text()
+    finally:
+        kernel.dispose()
 
 
 # --- the debugger through the relay --------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
         if self.relayed is None:
             sync_dir = self.sync_dir(kwargs.get("cwd"))
             self.relayed = RelayedKernel(self, kernel_id=self.kernel_id, sync_dir=sync_dir,
+                                         kernel_arguments=cmd[len(self.kernel_spec.argv):],  # the client's extras
                                          hooks=sync_hooks(self, sync_dir))
         relayed = self.relayed
         try:

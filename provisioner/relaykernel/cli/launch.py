@@ -32,20 +32,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-f", "--connection-file", required=True, help="the connection file the client wrote")
     parser.add_argument("--spec", help="kernelspec directory whose provisioner config to use")
     add_flags(parser, "launch")
-    # Clients append their own arguments to a kernel's argv (`jupyter run` adds its file names); they are meant
-    # for a local ipykernel and mean nothing here, so the launcher takes and ignores them.
+    # Clients append their own arguments to a kernel's argv (VS Code: argv items after the spec's; `jupyter run`
+    # adds its file names): they are the client's business with the kernel, so they go on to the remote ipykernel.
     parser.set_defaults(run=run, accepts_extra_arguments=True)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.extra_arguments:
-        log.debug("ignoring arguments meant for a local kernel: %s", args.extra_arguments)
+        log.debug("arguments for the remote kernel: %s", args.extra_arguments)
     options = options_for(args, "launch", spec_dir=args.spec)
     options.require_host()
     info = read_connection_file(args.connection_file)
     sync_dir = options.sync_dir(os.getcwd())
     relayed = RelayedKernel(options, kernel_id=uuid.uuid4().hex, sync_dir=sync_dir,
-                            hooks=sync_hooks(options, sync_dir))
+                            kernel_arguments=args.extra_arguments, hooks=sync_hooks(options, sync_dir))
     ended = threading.Event()
     _install_signal_handlers(relayed, ended)
     local_ports = {name: int(info[name]) for name in KERNEL_PORT_NAMES}
