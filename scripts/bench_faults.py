@@ -28,9 +28,9 @@ from typing import Any
 
 from jupyter_client import BlockingKernelClient
 
-from bench_kernel import WORKER_ENV, RelayKernelRun, install_relay_spec, run_in_own_session, sweep_vm
+from bench_kernel import PORT_NAMES, WORKER_ENV, RelayKernelRun, install_relay_spec, run_in_own_session, sweep_vm
 from bench_topology import PROFILES, across_link, open_sandbox
-from faults import Blackhole, Fault, RelayDown, TunnelDown, VmLegHang, reset_laptop_leg
+from faults import Blackhole, Fault, RelayDown, TunnelDown, VmLegHang, reset_laptop_leg, socket_inodes, tcp_connections
 from linkemu import LinkEmulator
 from relaykernel.sandbox.topology import LoopbackSandbox
 
@@ -96,6 +96,7 @@ class Outcome:
     variable_kept: bool | None = None
     kernel_alive: bool | None = None
     laptop_connections_opened: int = 0
+    client_reconnects: int | None = None
     bytes_replayed: int | None = None
     peak_client_rss_mib: float | None = None
     peak_supervisor_rss_mib: float | None = None
@@ -123,11 +124,15 @@ def buffer_holder_on_vm(run: RelayKernelRun) -> int | None:
 
 
 class Watch(logging.Handler):
-    """Peak RSS of the client and the VM's supervisor (sampled every 0.2 s), and the replays the data plane logs."""
+    """Peak RSS of the client and the VM's supervisor and the client's connections to the kernel's local ports
+    (sampled every 0.2 s), and the replays the data plane logs."""
 
-    def __init__(self, supervisor: int | None) -> None:
+    def __init__(self, supervisor: int | None, kernel_ports: set[int]) -> None:
         super().__init__(logging.INFO)
         self.pids = {"client": os.getpid(), "supervisor": supervisor}
+        self.kernel_ports = kernel_ports
+        self.first_connections = self._client_connections()
+        self.connections = set(self.first_connections)
         self.peaks: dict[str, float | None] = {name: rss_mib(pid) for name, pid in self.pids.items()}
         self.replayed: int | None = None
         self._stop = threading.Event()
@@ -143,6 +148,7 @@ class Watch(logging.Handler):
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+        self.connections |= self._client_connections()
         logging.getLogger("relaykernel").removeHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -150,8 +156,19 @@ class Watch(logging.Handler):
         if found:
             self.replayed = (self.replayed or 0) + int(found[1])
 
+    @property
+    def reconnects(self) -> int:
+        """Connections the client opened to the kernel's local ports since the watch began (0: it saw no cut)."""
+        return len(self.connections - self.first_connections)
+
+    def _client_connections(self) -> set[int]:
+        """The socket (inode: a reconnect may reuse the port) of each client connection to the kernel's local ports."""
+        table = tcp_connections()
+        return {inode for inode in socket_inodes(os.getpid()) if table.get(inode, (0, 0))[1] in self.kernel_ports}
+
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
+            self.connections |= self._client_connections()
             for name, pid in self.pids.items():
                 now, peak = rss_mib(pid), self.peaks[name]
                 if now is not None and (peak is None or now > peak):
@@ -262,7 +279,8 @@ def run_scenario(spec: FaultSpec, mode: str, args: argparse.Namespace) -> Outcom
         if answer_of(run.client, run.client.execute("x = 41; x"), 30) != ("ok", "41"):
             raise RuntimeError("the kernel did not answer before the fault")
         accepted = link.stats()["accepted"]
-        with Watch(buffer_holder_on_vm(run)) as watch:
+        ports = {int(run.km.get_connection_info()[name]) for name in PORT_NAMES}
+        with Watch(buffer_holder_on_vm(run), ports) as watch:
             clock = FaultClock(spec.make(sandbox, link), FAULT_AFTER_SECONDS if mode == "printing" else 0, held)
             msg_id = run.client.execute(PRINT_CELL) if mode == "printing" else ""
             clock.thread.start()
@@ -275,6 +293,7 @@ def run_scenario(spec: FaultSpec, mode: str, args: argparse.Namespace) -> Outcom
         outcome.kernel_alive = run.km.is_alive()
         outcome.laptop_connections_opened = link.stats()["accepted"] - accepted
         outcome.bytes_replayed = watch.replayed
+        outcome.client_reconnects = watch.reconnects
         outcome.peak_client_rss_mib, outcome.peak_supervisor_rss_mib = watch.peaks["client"], watch.peaks["supervisor"]
     return outcome
 
@@ -294,8 +313,17 @@ COLUMNS = [("held_s", "held s"), ("lines_lost", "lost"), ("lines_repeated_or_out
            ("reply_arrived", "reply"), ("idle_arrived", "idle"), ("back_to_output_s", "back→out s"),
            ("back_to_working_cell_s", "back→cell s"), ("probes_unanswered", "unanswered"),
            ("variable_kept", "x kept"), ("kernel_alive", "alive"),
-           ("laptop_connections_opened", "conns"), ("bytes_replayed", "replayed"),
+           ("laptop_connections_opened", "conns"), ("client_reconnects", "reconnects"), ("bytes_replayed", "replayed"),
            ("peak_client_rss_mib", "client MiB"), ("peak_supervisor_rss_mib", "VM sup MiB")]
+
+
+LEGEND = [
+    "back→out: link back → the printing cell's next output. back→cell: link back → a new cell answers in full (for",
+    "'printing', once that cell ended or went quiet); probe cells go every 2 s, unanswered: those that never did.",
+    "conns: laptop-leg connections opened after the fault. reconnects: connections the client opened to the kernel's",
+    "local ports (0: the client saw no cut). replayed: bytes the data plane logged as replayed ('—': none logged).",
+    "MiB: peak RSS while the fault held and after.",
+]
 
 
 def render(outcomes: list[Outcome], args: argparse.Namespace) -> str:
@@ -310,11 +338,7 @@ def render(outcomes: list[Outcome], args: argparse.Namespace) -> str:
         lines.append(f"{labels[outcome.fault]:<38}{outcome.mode:<10}{values}")
         if outcome.error:
             lines.append(f"    {outcome.error}")
-    lines += ["", "back→out: link back → the printing cell's next output; back→cell: link back → a new cell answers "
-              "(for 'printing', after that cell ended or went quiet), probe cells sent every 2 s until one answers "
-              "in full, unanswered: those that did not; conns: laptop-leg connections opened after the "
-              "fault; replayed: bytes the data plane logged as replayed ('—': it logs none yet); MiB: peak RSS during "
-              "the fault."]
+    lines += ["", *LEGEND]
     return "\n".join(lines)
 
 
