@@ -162,16 +162,18 @@ class Connection:
     async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
         up, down = self.pipes
-        reading_up = asyncio.ensure_future(up.pump_in(reader))
+        flows = [asyncio.ensure_future(up.pump_in(reader))]
         try:
             upstream_reader, upstream_writer = await self._connect_upstream()
             self.writers.append(upstream_writer)
-            flows = [up.pump_out(upstream_writer), down.pump_in(upstream_reader), down.pump_out(writer)]
-            await asyncio.gather(reading_up, *flows)
+            more = (up.pump_out(upstream_writer), down.pump_in(upstream_reader), down.pump_out(writer))
+            flows += [asyncio.ensure_future(flow) for flow in more]
+            await asyncio.gather(*flows)
         except (OSError, asyncio.TimeoutError):
             self.abort()
         finally:
-            reading_up.cancel()
+            for flow in flows:  # one side failing leaves the others waiting: end them all
+                flow.cancel()
             for each in self.writers:
                 each.close()
 
