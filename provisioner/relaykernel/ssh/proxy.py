@@ -73,6 +73,7 @@ class DetachedProxyCommand(paramiko.ProxyCommand):
         except OSError as error:
             for fd in (self._stdin, self._stdout, self._status, self._stderr):
                 os.close(fd)
+            self._stdin = self._stdout = self._status = self._stderr = -1
             raise ConnectError(RELAY, command_line, f"the ProxyCommand could not be started ({error.strerror})",
                                f"check that {_SHELL} exists and that the command runs from a terminal") from None
         finally:
@@ -88,13 +89,15 @@ class DetachedProxyCommand(paramiko.ProxyCommand):
 
     def recv(self, size: int) -> bytes:
         """Up to ``size`` bytes; ProxyCommandExited once the proxy has closed its output."""
-        ready, _, _ = select.select([self._stdout], [], [], self.timeout)
-        if not ready:
-            raise socket.timeout()
         try:
-            data = os.read(self._stdout, size)
-        except OSError as error:
-            raise ProxyCommandExited(self.command_line, self._ended(f"broke its output ({error.strerror})")) from None
+            ready, _, _ = select.select([self._stdout], [], [], self.timeout)
+            data = os.read(self._stdout, size) if ready else None
+        except (OSError, ValueError) as error:
+            if self._stdout < 0:
+                raise EOFError("closed") from None  # close() ran meanwhile: paramiko ends quietly on EOFError
+            raise ProxyCommandExited(self.command_line, self._ended(f"broke its output ({error})")) from None
+        if data is None:
+            raise socket.timeout()
         if not data:
             raise ProxyCommandExited(self.command_line, self._ended("closed its output"))
         self._reads += 1
@@ -136,10 +139,13 @@ class DetachedProxyCommand(paramiko.ProxyCommand):
         self.timeout = timeout
 
     def __del__(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            os.close(self._stderr)
-        with contextlib.suppress(OSError, AttributeError):
-            os.close(self._status)
+        """The stderr file and the status pipe outlive close(): outcome() reads them for the error message."""
+        for name in ("_stderr", "_status"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                setattr(self, name, -1)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _ended(self, what: str) -> str:
         """The outcome once the proxy stopped talking: wait a moment for its exit status, which says more."""
