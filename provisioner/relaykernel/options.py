@@ -81,7 +81,8 @@ class RelayOptions(LoggingConfigurable):
     accept_unknown_host_keys = Bool(
         False,
         help="Trust and record host keys seen for the first time. Off by default: unknown keys are "
-        "refused with the command that trusts them. A changed key is always refused.",
+        "refused with the command that trusts them. A changed key is always refused, and so is a new key "
+        "for a host that had a pinned key earlier in this run.",
     ).tag(config=True)
 
     remote_python = Unicode(
