@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import functools
 import hashlib
 import json
 import shlex
@@ -92,13 +93,14 @@ class Module:
     source: str
 
 
-def vm_modules() -> list[Module]:
+@functools.cache
+def vm_modules() -> tuple[Module, ...]:
     """Every module of relaykernel.common and relaykernel.vm (subpackages included) and an empty root package."""
     found = [Module("relaykernel", "relaykernel/__init__.py", True, ROOT_SOURCE)]
     root = resources.files("relaykernel")
     for package in PACKAGES:
         found += _walk(root / package, f"relaykernel.{package}", f"relaykernel/{package}")
-    return found
+    return tuple(found)
 
 
 def _walk(directory: Traversable, name: str, path: str) -> list[Module]:
@@ -115,7 +117,7 @@ def _walk(directory: Traversable, name: str, path: str) -> list[Module]:
     return found
 
 
-def _modules_json(modules: list[Module]) -> str:
+def _modules_json(modules: tuple[Module, ...]) -> str:
     table = {module.name: [module.filename, module.is_package, module.source] for module in modules}
     return json.dumps(table, sort_keys=True, separators=(",", ":"))
 
@@ -126,6 +128,7 @@ def _version() -> str:
     return __version__
 
 
+@functools.cache  # the installed sources do not change while relaykernel runs
 def importer_program(*, compressed: bool = True) -> bytes:
     """A program that installs the bundle's importer (replacing an older one) and drops cached relaykernel modules."""
     table = _modules_json(vm_modules())
