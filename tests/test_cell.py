@@ -19,6 +19,7 @@ import pytest
 from cell_topology import VM_ALIAS, CellTopology
 from helpers import execute, kernel_manager, wait_until
 from relaykernel.cli.cell import cell_source
+from relaykernel.common.version import cell_info
 from relaykernel.sandbox.keys import known_hosts_line
 from topology import VM_USER
 
@@ -516,6 +517,7 @@ def test_a_fresh_vm_runs_the_printed_cell_as_root(shared_vm, tmp_path, platform,
         cell = Cell.watch(process, state, log)
         bring_up(shared_vm, cell, storage)
         assert cell.status()["platform"] == platform
+        assert json.loads((Path.home() / ".relaykernel" / "cell.json").read_text()) == cell_info()
         check_a_kernel_starts_on_a_fresh_vm(shared_vm, tmp_path, vm_user="root",
                                             known=[vm_host_key_line(shared_vm, storage)], workdir=workdir)
         assert private_modes(state, storage, *cell_files_at_home(Path.home()), store=storage / Path(workdir).name) \
