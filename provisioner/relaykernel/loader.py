@@ -7,16 +7,17 @@ import difflib
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from jupyter_core.paths import jupyter_config_path
 from traitlets import Bool, Dict, Float, Int, List, TraitError, TraitType
 from traitlets.config import Application, Config
 
+from . import logs
 from .common.errors import ConfigError
 from .kernelspec import load_relay_config
-from .logs import step
 from .options import RelayOptions
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,37 @@ def check_names(names: Iterable[str], where: str, known: Iterable[str] | None = 
             raise ConfigError(f"unknown option {name!r} in {where}: {hint}")
 
 
+@contextmanager
+def checked_construction(options: RelayOptions, kwargs: dict[str, Any]) -> Iterator[None]:
+    """Around ``RelayOptions.__init__``: refuse unknown names, make type errors one line, add the config files.
+
+    With a parent (the provisioner, built by jupyter_client with the KernelManager as parent) the
+    jupyter_relaykernel_config files apply too, below the parent's (the Jupyter server's) config, and
+    relaykernel's log lines follow the parent's log.
+    """
+    parent = kwargs.get("parent")
+    if parent is not None and "config" not in kwargs:
+        kwargs["config"] = jupyter_config(server=getattr(parent, "config", None) or Config())
+    known = set(type(options).class_trait_names()) | {"parent", "config", "log"}
+    check_names(kwargs, "the provisioner config or the command line", known)
+    config = kwargs.get("config")
+    for section in ("RelayOptions", type(options).__name__):
+        if config is not None and section in config:
+            check_names(config[section], f"c.{section} of a Jupyter config file", known)
+    try:
+        yield
+    except TraitError as error:
+        raise ConfigError(describe_trait_error(error)) from None
+    if parent is not None:
+        logs.follow_application_log(options.log)
+
+
 def load_options(
     *, flags: Mapping[str, Any] | None = None, spec_dir: str | None = None,
     spec_config: Mapping[str, Any] | None = None,
 ) -> RelayOptions:
     """RelayOptions from the Jupyter config files, then the kernelspec's provisioner config, then the flags."""
-    with step("loading the options"):
+    with logs.step("loading the options"):
         return _load_options(dict(flags or {}), spec_dir, dict(spec_config or {}))
 
 

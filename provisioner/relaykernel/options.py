@@ -9,8 +9,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, default, validate
-from traitlets.config import Config, LoggingConfigurable
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
 
 from .common.destination import Destination, parse_jump_chain
 from .common.errors import ConfigError
@@ -32,29 +32,11 @@ class RelayOptions(LoggingConfigurable):
     """Where each option that is not at its default came from (set by ``loader.load_options``)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        """Refuse unknown names and wrongly typed values with a one-line ConfigError, before anything starts.
+        """Unknown names and wrongly typed values are one-line ConfigErrors, before anything starts (loader.py)."""
+        from .loader import checked_construction  # noqa: PLC0415 - the loader imports this module
 
-        With a parent (the provisioner, whose parent is the KernelManager), jupyter_relaykernel_config files
-        apply too, below the parent's (the Jupyter server's) config.
-        """
-        from . import logs  # noqa: PLC0415 - modules that import this one
-        from .loader import check_names, describe_trait_error, jupyter_config  # noqa: PLC0415
-
-        parent = kwargs.get("parent")
-        if parent is not None and "config" not in kwargs:
-            kwargs["config"] = jupyter_config(server=getattr(parent, "config", None) or Config())
-        known = set(type(self).class_trait_names()) | {"parent", "config", "log"}
-        check_names(kwargs, "the provisioner config or the command line", known)
-        config = kwargs.get("config")
-        for section in ("RelayOptions", type(self).__name__):
-            if config is not None and section in config:
-                check_names(config[section], f"c.{section} of a Jupyter config file", known)
-        try:
+        with checked_construction(self, kwargs):
             super().__init__(**kwargs)
-        except TraitError as error:
-            raise ConfigError(describe_trait_error(error)) from None
-        if parent is not None:
-            logs.follow_application_log(self.log)
 
     host = Unicode(
         "",

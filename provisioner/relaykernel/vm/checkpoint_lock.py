@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import time
@@ -38,6 +37,8 @@ def store_lock(storage: Path, timeout_seconds: float) -> Iterator[None]:
 
 def _open_lockable(storage: Path) -> int:
     """A descriptor flock works on: the lock file beside the store, else one on the VM's own disk."""
+    import fcntl  # the VM is Linux; the laptop imports this module too (relaykernel cell), Windows included
+
     descriptor = os.open(storage / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -53,6 +54,8 @@ def _open_lockable(storage: Path) -> int:
 
 
 def _try_lock(descriptor: int) -> bool:
+    import fcntl  # see _open_lockable
+
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
