@@ -40,6 +40,8 @@ def follow_application_log(app_log: logging.Logger | logging.LoggerAdapter) -> N
     handler: warnings only, bare text with no time, level or source.
     """
     logger = app_log.logger if isinstance(app_log, logging.LoggerAdapter) else app_log
+    if logger.name == "traitlets":  # no application (a bare KernelManager, nbclient): its host configures logging
+        return
     _attach(logger.getEffectiveLevel())
 
 
