@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import os
 import random
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -193,12 +194,12 @@ def idle_cpu(info: SandboxInfo, local: Path, remote_dir: str, seconds: float) ->
 
 
 def compare(info: SandboxInfo, tree: Path, rounds: int, name: str, ours: Measure, theirs: Measure,
-            seed: str | None) -> list[float]:
+            seed: str | None, prefix: str) -> list[float]:
     """Median seconds of relaykernel and of rsync over ``rounds``, each into a fresh folder (a copy of seed)."""
     results: dict[str, list[float]] = {"relaykernel": [], "rsync": []}
     for round_index in range(rounds):
         for tool, measure in (("relaykernel", ours), ("rsync", theirs)):
-            target = f"bench-{name}-{tool}-{round_index}"
+            target = f"{prefix}-{name}-{tool}-{round_index}"
             if seed:
                 info.vm_run(["cp", "-r", seed, target])  # the same files, written by another source, new mtimes
             results[tool].append(measure(info, tree, target))
@@ -219,26 +220,26 @@ def run_profile(sandbox: LoopbackSandbox, profile: Profile, scratch: Path, args:
         tree = scratch / f"tree-{profile.name}"
         total = make_tree(tree, FILES, tree_mb_for(profile))
         base = sandbox.info
-        initial = compare(info, tree, args.rounds, "initial", relaykernel_initial, rsync_initial, None)
+        initial = compare(info, tree, args.rounds, "initial", relaykernel_initial, rsync_initial, None, args.prefix)
         lines.append(f"initial sync, {FILES} files, {total / 1e6:.1f} MB: {verdict(*initial)} (rsync -a)")
-        rsync_initial(base, tree, "bench-seed")  # the seed is made on the VM without the emulated link
+        rsync_initial(base, tree, f"{args.prefix}-seed")  # the seed is made on the VM without the emulated link
         hashed = compare(info, tree, args.rounds, "hash", relaykernel_initial,
-                         lambda i, t, d: rsync_initial(i, t, d, "--checksum"), "bench-seed")
-        base.vm_run(["rm", "-rf", "bench-seed"])
+                         lambda i, t, d: rsync_initial(i, t, d, "--checksum"), f"{args.prefix}-seed", args.prefix)
+        base.vm_run(["rm", "-rf", f"{args.prefix}-seed"])
         lines.append(f"initial sync onto the same files from another source (hash path): {verdict(*hashed)} "
                      "(rsync -a --checksum)")
         live = scratch / f"live-{profile.name}"
         live.mkdir()
-        waits = latencies(info, live, "bench-latency", args.samples)
-        info.vm_run(["rm", "-rf", "bench-latency"])
+        waits = latencies(info, live, f"{args.prefix}-latency", args.samples)
+        info.vm_run(["rm", "-rf", f"{args.prefix}-latency"])
         p50, p95 = waits[len(waits) // 2], waits[max(0, int(len(waits) * 0.95) - 1)]
         target = 0.150 + profile.rtt_ms / 1000
         lines.append(f"save -> visible, {len(waits)} saves: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms "
                      f"(target p50 <= 150 ms + 1 RTT = {target * 1000:.0f} ms) {'met' if p50 <= target else 'MISSED'}")
         if profile.name in LOAD_FILE_MB:
-            lines.append(execute_while_syncing(info, scratch / f"load-{profile.name}", "bench-load",
+            lines.append(execute_while_syncing(info, scratch / f"load-{profile.name}", f"{args.prefix}-load",
                                                LOAD_FILE_MB[profile.name]))
-            info.vm_run(["rm", "-rf", "bench-load"])
+            info.vm_run(["rm", "-rf", f"{args.prefix}-load"])
         shutil.rmtree(tree, ignore_errors=True)
     return lines
 
@@ -256,8 +257,8 @@ def run(args: argparse.Namespace) -> None:
         if args.idle_files:
             big = scratch / "idle"
             make_tree(big, args.idle_files, args.idle_files * 1500 / 1e6)
-            cpu_per_minute, rescan_s = idle_cpu(sandbox.info, big, "bench-idle", args.idle_seconds)
-            sandbox.info.vm_run(["rm", "-rf", "bench-idle"])
+            cpu_per_minute, rescan_s = idle_cpu(sandbox.info, big, f"{args.prefix}-idle", args.idle_seconds)
+            sandbox.info.vm_run(["rm", "-rf", f"{args.prefix}-idle"])
             report.append(f"idle watcher over {args.idle_files} files: {cpu_per_minute:.3f} CPU s per minute; one "
                           f"full rescan {rescan_s:.3f} s (every sync_rescan_seconds, 30 s by default)")
     print("\n".join(report))
@@ -272,7 +273,9 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=20, help="saves timed per profile")
     parser.add_argument("--idle-files", type=int, default=10000, help="0 skips the idle-CPU row")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
-    run(parser.parse_args())
+    args = parser.parse_args()
+    args.prefix = f"bench-sync-{secrets.token_hex(3)}"  # folders of this run only: the VM user may be shared
+    run(args)
     return 0
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from ..common.errors import RelayKernelError
 from .guard import guarded
 from .ignore import IgnoreRules, LocalFile
-from .plan import batches, find_moves, plan_initial, source_for
-from .remote import Batch, RemoteTree
+from .plan import AheadHashes, batches, find_moves, plan_initial, source_for
+from .remote import Batch, RemoteListing, RemoteTree
 from .watcher import BatchWatcher
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,14 @@ class WorkdirSync:
         here is deleted there, unless the VM changed it since: then it comes back beside its old name.
         """
         with self._lock:
-            remote = self.remote.listing()
             local = {file.path: file for file in self.rules.walk()}
-            plan = plan_initial(self.local_root, local, remote, self.remote.hashes)
+            ahead = AheadHashes(self.local_root, sorted(local, key=lambda path: local[path].size))
+            try:
+                remote = self.remote.listing(sizes={path: file.size for path, file in local.items()})
+                ahead.keep_only(set(remote.hashes))
+                plan = plan_initial(self.local_root, local, remote, self._hashes_of(remote), ahead)
+            finally:
+                ahead.close()
             self.synced, self.hashes = plan.synced, plan.hashes
             self.synced.update((path, remote.files[path]) for path in plan.deletes)
             report = self._push(plan.send, plan.deletes, progress, defer_fresh=False, adopt=plan.adopt)
@@ -121,6 +126,14 @@ class WorkdirSync:
                         targets[path] = path
             self._fetch(targets, remote, report)
         return report
+
+    def _hashes_of(self, remote: RemoteListing) -> Callable[[list[str]], dict[str, str]]:
+        """The VM's hashes of these paths: those that came with the listing, the rest asked for."""
+        def lookup(paths: list[str]) -> dict[str, str]:
+            missing = [path for path in paths if path not in remote.hashes]
+            return {**remote.hashes, **self.remote.hashes(missing)}
+
+        return lookup
 
     def _bring_back(self, paths: list[str], remote: dict[str, tuple[int, int]], report: SyncReport) -> None:
         self._fetch({path: _beside(path) for path in paths}, remote, report)

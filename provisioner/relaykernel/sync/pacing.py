@@ -19,6 +19,8 @@ class AckPacer:
     round trip only queue, ahead of the kernel's messages and the lease renewals. Each ack names the bytes the
     receiver has read so far; the time from a frame's send to its ack gives the round trip (the smallest in the last
     10 s is the base), and the bytes acked per elapsed time give the delivery rate (the largest in the last second).
+    While the latest round trip shows no queue (within half the queue target of the base), the link has room: the
+    limit doubles, so a long fat path fills in a few round trips; once a queue shows, it holds at the target.
     """
 
     def __init__(self, *, floor_bytes: int = FLOOR_BYTES, queue_seconds: float = QUEUE_SECONDS,
@@ -32,6 +34,7 @@ class AckPacer:
         self._flight: deque[tuple[int, float, int, float]] = deque()  # end offset, sent at, acked then, its time
         self._rates: deque[tuple[float, float]] = deque()  # (at, bytes per second)
         self._min_rtt: tuple[float, float] | None = None  # (seconds, measured at)
+        self._last_rtt = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -50,7 +53,8 @@ class AckPacer:
         rtt, rate = self.base_rtt_seconds, self.rate_bytes_per_second
         if rtt is None or rate <= 0:
             return self.floor_bytes
-        return max(self.floor_bytes, int(rate * (rtt + self.queue_seconds)))
+        gain = 2.0 if self._last_rtt < rtt + self.queue_seconds / 2 else 1.0
+        return max(self.floor_bytes, int(gain * rate * (rtt + self.queue_seconds)))
 
     def room(self) -> int:
         return self.limit() - self.in_flight
@@ -72,7 +76,7 @@ class AckPacer:
         if sample is None:
             return
         _, sent_at, acked_then, acked_then_at = sample
-        rtt = now - sent_at
+        rtt = self._last_rtt = now - sent_at
         if self._min_rtt is None or rtt <= self._min_rtt[0] or now - self._min_rtt[1] > _MIN_RTT_WINDOW_SECONDS:
             self._min_rtt = (rtt, now)
         elapsed = max(now - acked_then_at, rtt, 1e-6)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +35,12 @@ class InitialPlan:
 
 
 def plan_initial(local_root: Path, local: dict[str, LocalFile], remote: RemoteListing,
-                 remote_hashes: Callable[[list[str]], dict[str, str]]) -> InitialPlan:
+                 remote_hashes: Callable[[list[str]], dict[str, str]],
+                 local_hash: Callable[[str], str | None] | None = None) -> InitialPlan:
     """Trust size and mtime only where the manifest says this folder wrote that very file; else compare hashes."""
     plan = InitialPlan()
     ask: list[str] = []
+    local_hash = local_hash or (lambda path: sha256_of(local_root / path))
     for path, file in local.items():
         there, mine, here = remote.files.get(path), remote.manifest.get(path), (file.size, file.mtime_ns)
         if there is None or there[0] != file.size:
@@ -45,14 +48,12 @@ def plan_initial(local_root: Path, local: dict[str, LocalFile], remote: RemoteLi
         elif mine is not None and mine[:2] == there and here == there:
             plan.synced[path], plan.hashes[path] = there, mine[2]  # we wrote it, neither side changed it since
         elif mine is not None and mine[:2] == there:
-            _compare(plan, file, sha256_of(local_root / path), mine[2])  # the VM's copy is ours: hash known
+            _compare(plan, file, local_hash(path), mine[2])  # the VM's copy is ours: its hash is known
         else:
             ask.append(path)
-    with ThreadPoolExecutor(max_workers=2) as pool:  # hash here while the VM hashes there
-        ours = pool.map(lambda path: sha256_of(local_root / path), ask)
-        theirs = remote_hashes(ask)
-        for path, digest in zip(ask, ours):
-            _compare(plan, local[path], digest, theirs.get(path))
+    theirs = remote_hashes(ask)
+    for path in ask:
+        _compare(plan, local[path], local_hash(path), theirs.get(path))
     for path, (size, mtime_ns, _) in sorted(remote.manifest.items()):
         there = remote.files.get(path)
         if path in local or there is None or (local_root / path).exists():
@@ -63,6 +64,39 @@ def plan_initial(local_root: Path, local: dict[str, LocalFile], remote: RemoteLi
             plan.conflicts.append(path)
     plan.send.sort(key=lambda file: (file.size, file.path))  # small files first: the first cell needs them soonest
     return plan
+
+
+class AheadHashes:
+    """Local hashes computed ahead, while the VM lists and hashes its side; ``keep_only`` drops the needless ones.
+
+    In a pool of two threads (hashlib runs outside the GIL); a hash asked for later is computed then if not yet done.
+    """
+
+    def __init__(self, local_root: Path, paths: Iterable[str]) -> None:
+        self.local_root = local_root
+        self._wanted: set[str] | None = None
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relaykernel-sync-hash")
+        self._futures: dict[str, Future[str | None]] = {path: self._pool.submit(self._hash, path) for path in paths}
+
+    def keep_only(self, paths: set[str]) -> None:
+        """Only these hashes are still wanted (the VM said which files it could not vouch for)."""
+        with self._lock:
+            self._wanted = paths
+
+    def close(self) -> None:
+        self.keep_only(set())
+        self._pool.shutdown(wait=True)
+
+    def __call__(self, path: str) -> str | None:
+        future = self._futures.get(path)
+        done = future.result() if future is not None else None
+        return done if done is not None else sha256_of(self.local_root / path)
+
+    def _hash(self, path: str) -> str | None:
+        with self._lock:
+            wanted = self._wanted is None or path in self._wanted
+        return sha256_of(self.local_root / path) if wanted else None
 
 
 def _compare(plan: InitialPlan, file: LocalFile, here: str | None, remote_sha: str | None) -> None:

@@ -37,6 +37,7 @@ class RemoteListing:
     root: str
     files: dict[str, tuple[int, int]]
     manifest: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)  # asked for with the local sizes
 
 
 @dataclass(frozen=True)
@@ -105,15 +106,20 @@ class RemoteTree:
         self._unanswered = 0  # answers still due to requests nobody waits for (the session's first)
         self._lock = threading.Lock()
 
-    def listing(self, under: Sequence[str] | None = None) -> RemoteListing:
-        """Every file (or those below ``under``) with its (size, mtime_ns), and this source's manifest."""
+    def listing(self, under: Sequence[str] | None = None, sizes: dict[str, int] | None = None) -> RemoteListing:
+        """Every file (or those below ``under``) with its (size, mtime_ns), and this source's manifest.
+
+        With ``sizes`` (the local files'), the VM also hashes each file of the same size there that the manifest
+        does not vouch for: what the first sync compares by content, in the same round trip.
+        """
         event = self._request({"op": "list", "under": list(under) if under is not None else None,
-                               "source": self.source}, "listing")
+                               "source": self.source, "sizes": sizes}, "listing")
         self.absolute_root = str(event["root"])
         return RemoteListing(
             root=self.absolute_root,
             files={path: (int(size), int(mtime)) for path, (size, mtime) in event["files"].items()},
             manifest={path: (int(e[0]), int(e[1]), str(e[2])) for path, e in event.get("manifest", {}).items()},
+            hashes=dict(event.get("hashes", {})),
         )
 
     def hashes(self, paths: Sequence[str]) -> dict[str, str]:
@@ -217,7 +223,8 @@ class RemoteTree:
     def _cut(self, doing: str, error: BaseException, *, reset: bool = True) -> LinkDown:
         if reset:
             self._reset()
-        return LinkDown(VM, self.chain.vm_label, f"{doing} ({self.root}) was cut: {error}",
+        why = str(error) or type(error).__name__  # a timeout says nothing by itself
+        return LinkDown(VM, self.chain.vm_label, f"{doing} ({self.root}) was cut: {why}",
                         "it is retried at the next pass, once the link is back")
 
     def _reset(self) -> None:

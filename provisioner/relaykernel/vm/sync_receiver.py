@@ -2,9 +2,10 @@
 
 Sent as a program (``python3 -c BOOTSTRAP``, ``<length>\\n<program>`` on stdin). Then JSON lines, one request each,
 answered in order on stdout:
-  {"op": "list", "root": DIR, "under": [dir, ...] or null, "source": ID}
+  {"op": "list", "root": DIR, "under": [dir, ...] or null, "source": ID, "sizes": {path: size} or null}
       -> {"event": "listing", "root": absolute DIR, "files": {path: [size, mtime_ns]},
-          "manifest": {path: [size, mtime_ns, sha256]}}  (only what ID itself wrote, from DIR's manifest)
+          "manifest": {path: [size, mtime_ns, sha256]},  (only what ID itself wrote, from DIR's manifest)
+          "hashes": {path: sha256}}  (files of the sender's size there that the manifest does not vouch for)
   {"op": "hash", "root": DIR, "paths": [path, ...]} -> {"event": "hashes", "hashes": {path: sha256}}
   {"op": "apply", "root": DIR, "source": ID, "mtimes": {path: mtime_ns}, "moves": [[from, to], ...],
    "delete": [path, ...], "adopt": {path: [mtime_ns, sha256]}}
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 TEMP_SUFFIX = ".rk-tmp"
 MTIME_NS_HEADER = "RELAYKERNEL.mtime_ns"  # a PAX header: tar's own mtime cannot carry nanoseconds exactly
@@ -72,6 +74,22 @@ def listing(root, under=None):
                     continue
                 files[os.path.relpath(full, root).replace(os.sep, "/")] = [info.st_size, info.st_mtime_ns]
     return files
+
+
+def hashes(root, paths):
+    """path -> sha256 of these files (a missing one is left out), a few at a time: hashlib runs outside the GIL."""
+    targets = [(path, inside(root, path)) for path in paths]
+    targets = [(path, target) for path, target in targets if target is not None and os.path.isfile(target)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        digests = pool.map(lambda item: sha256_or_none(item[1]), targets)
+        return {path: digest for (path, _), digest in zip(targets, digests) if digest}
+
+
+def sha256_or_none(path):
+    try:
+        return sha256_of(path)
+    except OSError:
+        return None
 
 
 def sha256_of(path):
@@ -347,15 +365,13 @@ def serve(request, stream, manifests):
         manifests[root] = Manifest(root)
     manifest, op = manifests[root], request["op"]
     if op == "list":
-        reply({"event": "listing", "root": root, "files": listing(root, request.get("under")),
-               "manifest": manifest.of(request.get("source", ""))})
+        files, mine = listing(root, request.get("under")), manifest.of(request.get("source", ""))
+        sizes = request.get("sizes") or {}
+        unsure = [path for path, size in sizes.items()
+                  if path in files and files[path][0] == size and (path not in mine or mine[path][:2] != files[path])]
+        reply({"event": "listing", "root": root, "files": files, "manifest": mine, "hashes": hashes(root, unsure)})
     elif op == "hash":
-        found = {}
-        for path in request.get("paths", []):
-            target = inside(root, path)
-            if target is not None and os.path.isfile(target):
-                found[path] = sha256_of(target)
-        reply({"event": "hashes", "hashes": found})
+        reply({"event": "hashes", "hashes": hashes(root, request.get("paths", []))})
     elif op == "apply":
         reply(apply(root, manifest, request, stream))
     else:
