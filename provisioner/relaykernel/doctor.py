@@ -87,8 +87,9 @@ def _vm_checks(chain: SSHChain, options: RelayOptions) -> Iterator[Check]:
         yield Check("remote python + ipykernel", True, f"{python}: Python {report['python']}, ipykernel {ipykernel}")
         major = ipykernel.split(".")[0]
         debugger = major.isdigit() and int(major) >= 6 and bool(report.get("debugpy"))
-        yield Check("debugger (ipykernel >= 6 + debugpy)", True, "available" if debugger else
-                    f"not available: {python} -m pip install debugpy, or install the spec with --no-debugger")
+        yield Check("debugger (ipykernel >= 6 + debugpy)", True, "available" if debugger else "not available: "
+                    "JupyterLab's debugger will not start", "" if debugger else f"{python} -m pip install debugpy, "
+                    "or install the kernelspec with --no-debugger", warn=not debugger)
     if report.get("workdir_error"):
         yield Check("remote work dir writable", False, str(report["workdir_error"]),
                     "choose another --remote-workdir (or fix its owner and modes on the VM)")
