@@ -92,8 +92,9 @@ def test_a_missing_identity_file_is_an_error(tmp_path):
         RelayOptions(identity_file=str(tmp_path / "id_missing"))
 
 
-def test_the_provisioner_refuses_a_typo_and_a_missing_sync_folder_before_any_remote_work(tmp_path, config_dir):
+def test_the_provisioner_refuses_bad_configuration_before_any_remote_work(tmp_path, config_dir):
     for config, expected in (({"host": NOWHERE, "lease_secondz": 5}, "did you mean 'lease_seconds'"),
+                             ({"host": NOWHERE, "lease_seconds": "soon"}, "lease_seconds must be a float, not the str"),
                              ({"host": NOWHERE, "sync_local_dir": str(tmp_path / "gone")}, "is not a folder here")):
         kernels = tmp_path / "kernels" / "relaytest"
         kernels.mkdir(parents=True, exist_ok=True)
