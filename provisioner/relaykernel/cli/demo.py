@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..kernelspec import build_kernel_json, install_kernelspec
 
+VM_HOSTNAME = "relaykernel-demo-vm"  # as sandbox.netns names it (imported only when the demo runs)
+
 if TYPE_CHECKING:  # the sandbox runs OpenSSH servers (POSIX only): imported when the demo runs, not with the CLI
     from ..sandbox.topology import SandboxInfo
 
@@ -20,6 +22,7 @@ DISPLAY_NAME = "Python on the relaykernel sandbox VM"
 LOCAL_MODULE = "def greeting():\n    return 'hello from a module in your local folder, synced to the VM'\n"
 CELLS = (
     "import getpass, os, platform, sys\n"
+    "print('remote host:', platform.node())\n"
     "print('remote user:', getpass.getuser())\n"
     "print('remote cwd: ', os.getcwd())\n"
     "print('python:     ', sys.executable, platform.python_version())",
@@ -39,10 +42,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sandbox.topology import LoopbackSandbox  # noqa: PLC0415 - see above
+    from ..sandbox.netns import NamespaceSandbox, why_not_available  # noqa: PLC0415 - see above
+    from ..sandbox.topology import LoopbackSandbox  # noqa: PLC0415
 
-    print("starting a relay sshd, a VM sshd and the VM's reverse tunnel on 127.0.0.1 …", flush=True)
-    with LoopbackSandbox() as info:
+    why_not = why_not_available()
+    sandbox = LoopbackSandbox() if why_not else NamespaceSandbox()
+    where = f"all on 127.0.0.1 ({why_not}: no network namespace for the VM)" if why_not else \
+        "the VM in a network namespace of its own"
+    print(f"starting a relay sshd, a VM sshd and the VM's reverse tunnel, {where} …", flush=True)
+    with sandbox as info:
         for line in route(info):
             print(line, flush=True)
         config = _relay_config(info)
@@ -53,15 +61,20 @@ def run(args: argparse.Namespace) -> int:
 
 def route(info: SandboxInfo) -> list[str]:
     """The path a kernel takes, hop by hop, and plainly what this sandbox simulates."""
-    return [
+    lines = [
         "route: laptop (this process, paramiko)",
         f"  -> relay sshd {info.relay} (ssh config alias {info.relay_alias})",
         f"  -> the relay's 127.0.0.1:{info.forward_port}, reverse-forwarded by the VM's own `ssh -R` to the relay",
         f"  -> VM sshd 127.0.0.1:{info.vm_sshd_port} as {info.vm_user} (alias {info.vm_alias}, reached only via the "
         "relay)",
-        "simulated: the relay and the VM are two OpenSSH servers on this machine's loopback, run as you; on a real "
-        "VM the tunnel crosses the internet. The last cell shows the kernel's session arriving at the VM sshd's port.",
     ]
+    if info.netns:
+        lines.append(f"the VM is network namespace {info.netns}: only its own loopback, hostname {VM_HOSTNAME}; it "
+                     "reaches the relay only through a unix-socket bridge, as a real VM reaches it over the internet")
+    else:
+        lines.append("simulated: the relay and the VM are two OpenSSH servers on this machine's loopback, run as "
+                     "you; on a real VM the tunnel crosses the internet")
+    return lines + ["the first cell shows the VM's host name, the last the kernel's session arriving at the VM sshd"]
 
 
 def _relay_config(info: SandboxInfo) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class SshdServer:
         extra_config: Sequence[str] = (),
         hop: str = "sshd",
         startup_timeout_seconds: float = 5.0,
+        hostname: str | None = None,
     ) -> None:
         if not 0 <= port < 65536 or not 0 < listen_port < 65536:
             raise ConfigError(f"sshd port {port}/{listen_port} out of range: use 0 (any free port) or 1-65535")
@@ -45,6 +46,7 @@ class SshdServer:
         self.state_dir = Path(state_dir).absolute()
         self.hop = hop
         self.netns = netns
+        self.hostname = hostname  # a UTS namespace of its own with this name (root only), inherited by sessions
         self._authorized_keys = authorized_keys
         self._fixed_port = listen_port if netns else port
         self._port = self._fixed_port
@@ -167,7 +169,8 @@ class SshdServer:
         argv = [sshd, "-D", "-e", "-f", str(self.config_file), "-E", str(self.log_file)]
         with open(self.log_file, "ab") as log:
             # Never a pipe: sshd's session children inherit it and a reader waiting for EOF would hang.
-            return subprocess.Popen(_in_netns(self.netns, argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            return subprocess.Popen(_in_netns(self.netns, _named(self.hostname, argv)), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log)
 
     def _answers(self) -> bool:
         if self.netns is None:
@@ -189,6 +192,13 @@ class SshdServer:
 
 def _in_netns(netns: str | None, argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
+def _named(hostname: str | None, argv: list[str]) -> list[str]:
+    """ARGV in a UTS namespace of its own called HOSTNAME (unshare and sh exec: the pid stays sshd's)."""
+    if not hostname:
+        return argv
+    return ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *argv]
 
 
 def _banner_in_netns(netns: str, port: int, timeout_seconds: float) -> bool:
