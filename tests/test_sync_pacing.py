@@ -1,0 +1,84 @@
+"""Bulk sync never starves the kernel: the pacer's arithmetic, and a kernel answering across a slow emulated link
+while a big save uploads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+
+from helpers import execute, kernel_manager, relay_config
+from linkemu import LinkEmulator, through_link
+from relaykernel.sync.pacing import FLOOR_BYTES, AckPacer
+
+pytestmark = pytest.mark.usefixtures("no_ssh_agent")
+
+
+@pytest.fixture
+def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_pacer_keeps_rate_times_base_rtt_plus_the_queue_target_in_flight():
+    clock = Clock()
+    pacer = AckPacer(clock=clock)
+    assert pacer.limit() == FLOOR_BYTES, "nothing measured yet: the floor"
+    pacer.on_send(64_000)
+    clock.now = 0.1
+    pacer.on_ack(64_000)  # 64 kB delivered in one 100 ms round trip: 640 kB/s
+    assert pacer.base_rtt_seconds == pytest.approx(0.1)
+    assert pacer.rate_bytes_per_second == pytest.approx(640_000)
+    assert pacer.limit() == pytest.approx(2 * 640_000 * 0.15, rel=1e-6), "no queue yet: the limit doubles"
+    pacer.on_send(192_000)
+    clock.now = 0.4
+    pacer.on_ack(256_000)  # the round trip grew to 300 ms: a queue; the link carried 640 kB/s
+    assert pacer.base_rtt_seconds == pytest.approx(0.1)
+    assert pacer.limit() == pytest.approx(640_000 * 0.15, rel=1e-6), "a queue shows: rate x (base RTT + 50 ms)"
+    slow = AckPacer(clock=clock)
+    slow.on_send(1_000)
+    clock.now = 1.4
+    slow.on_ack(1_000)
+    assert slow.limit() == FLOOR_BYTES, "never below the floor"
+    assert pacer.frame_bytes() <= pacer.limit(), "several acks per round trip"
+
+
+def test_the_kernel_answers_while_a_big_save_uploads_over_a_slow_link(topology, tmp_path):
+    """8 Mbit/s up, 20 ms round trip: a 4 MB save takes seconds; execute('1') is answered meanwhile, the save lands."""
+    with LinkEmulator(topology.relay_port, delay_ms=10, up_mbit=8, down_mbit=50) as emulator:
+        laptop = through_link(topology, emulator, tmp_path / "laptop")
+        local = tmp_path / "project"
+        local.mkdir()
+        km = kernel_manager(tmp_path, relay_config(laptop, tmp_path, sync_local_dir=str(local)))
+        km.start_kernel()
+        client = km.client()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=60)
+            mirror = km.provisioner.relayed.hooks[0].mirror
+            assert mirror.ready.wait(60), "live sync never started"
+            data = os.urandom(4_000_000)
+            (local / "big.bin").write_bytes(data)
+            answered_in_flight, deadline = 0, time.monotonic() + 90
+            while "big.bin" not in mirror.sync.synced and time.monotonic() < deadline:
+                out, reply = execute(client, "print(1)", timeout_seconds=30)
+                assert (out.strip(), reply["status"]) == ("1", "ok")
+                if mirror.remote.pacer.in_flight > 0 and "big.bin" not in mirror.sync.synced:
+                    answered_in_flight += 1
+            assert "big.bin" in mirror.sync.synced, "the save never arrived"
+            assert answered_in_flight >= 1, "no reply came while the upload was in flight"
+            assert not km.provisioner.relayed.keeper.is_down, "a busy link must not be declared down"
+            code = "import hashlib; print(hashlib.sha256(open('big.bin', 'rb').read()).hexdigest())"
+            assert execute(client, code)[0].strip() == hashlib.sha256(data).hexdigest()
+        finally:
+            client.stop_channels()
+            km.shutdown_kernel()
