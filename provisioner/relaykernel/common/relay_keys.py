@@ -21,16 +21,14 @@ from collections.abc import Iterable
 LOOPBACK = "127.0.0.1"
 FORCED_COMMAND = "true"
 NOWHERE = "none.invalid:1"
-TUNNEL_COMMENT = "relaykernel-vm-tunnel"
-LAPTOP_COMMENT = "relaykernel-laptop"
 
-RELAY_SSHD_SETTINGS: tuple[tuple[str, str, str], ...] = (
-    ("AllowTcpForwarding", "yes", "the VM's -R and the laptop's jump both need it"),
-    ("AllowStreamLocalForwarding", "no", "unix-socket forwards ignore permitopen/permitlisten: turn them off"),
-    ("GatewayPorts", "no", "a reverse-forwarded port binds the relay's 127.0.0.1 only"),
-    ("ClientAliveInterval", "15", "drop a dead VM's tunnel (and free its port) within about a minute"),
-    ("ClientAliveCountMax", "4", ""),
-)
+RELAY_SSHD_SETTINGS = {
+    "AllowTcpForwarding": "yes",  # the VM's -R and the laptop's jump both need it
+    "AllowStreamLocalForwarding": "no",  # unix-socket forwards ignore permitopen/permitlisten: turn them off
+    "GatewayPorts": "no",  # a reverse-forwarded port binds the relay's 127.0.0.1 only
+    "ClientAliveInterval": "15",  # drop a dead VM's tunnel (and free its port) within about a minute
+    "ClientAliveCountMax": "4",
+}
 
 
 def endpoint(port: int) -> str:
@@ -65,7 +63,7 @@ def laptop_key_line(public_key: str, ports: Iterable[int], comment: str = "") ->
 
 def relay_sshd_config() -> list[str]:
     """The sshd_config lines the relay needs (``Keyword value``), in the order docs/relay.md gives them."""
-    return [f"{keyword} {value}" for keyword, value, _ in RELAY_SSHD_SETTINGS]
+    return [f"{keyword} {value}" for keyword, value in RELAY_SSHD_SETTINGS.items()]
 
 
 def _line(options: str, public_key: str, comment: str) -> str:
