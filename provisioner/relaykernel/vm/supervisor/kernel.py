@@ -51,7 +51,7 @@ def start_kernel(request: dict, run_dir: RunDir, workdir: str) -> subprocess.Pop
         msg = f"cannot run {argv[0]!r}: {exc.strerror}; set remote_python to a python3 that exists on the VM"
         raise RequestError("python", msg) from None
     except ValueError as exc:  # a NUL byte in argv or env, or '=' in an env name
-        raise RequestError("request", f"bad python_argv or env: {exc}") from None
+        raise RequestError("request", f"bad remote_python or remote_env: {exc}") from None
     finally:
         os.close(kernel_log)
 
