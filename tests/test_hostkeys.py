@@ -252,6 +252,8 @@ def test_accept_unknown_records_only_hosts_never_pinned(keys: Keys, tmp_path: Pa
     _write(tmp_path / "kh", known_hosts_line("vm", keys["ed25519"]))
     _verify(KnownHosts([path]), "vm", keys["ed25519"], path)  # pinned, seen in this run
     _write(tmp_path / "kh")  # its line is removed (a hand edit, an interrupted tool)
+    with pytest.raises(UnknownHostKey):
+        _verify(KnownHosts([path]), "vm", keys["ed25519"], path)  # strict: no line, no trust
     with pytest.raises(ChangedHostKey, match="held another key for it earlier in this run"):
         KnownHosts([path]).verify(hop=VM, where=WHERE, name="vm", key=keys["rsa"], trust_file=path,
                                   accept_unknown=True)

@@ -84,15 +84,15 @@ class KnownHosts:
             return
         if listed:
             raise changed_error(hop, where, name, key, trust_file, [entry.origin for entry in listed], dest)
+        if not accept_unknown:
+            raise unknown_error(hop, where, name, key, trust_file, self.files, dest)
         pinned = _PINNED_THIS_RUN.get(_pin_id(trust_file, name))
         if pinned == blob:
-            log.warning("%s is no longer listed in %s; still trusting the key it had: %s", name, trust_file,
-                        fingerprint(key))
+            log.warning("%s is no longer listed in %s; trusting the key it had earlier in this run, not recording "
+                        "it again: %s", name, trust_file, fingerprint(key))
             return
         if pinned is not None:
             raise unpinned_error(hop, where, name, key, trust_file, dest)
-        if not accept_unknown:
-            raise unknown_error(hop, where, name, key, trust_file, self.files, dest)
         log.warning("trusting new host key %s for %s (accept_unknown_host_keys)", fingerprint(key), name)
         self.add(name, key, trust_file)
 
