@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import time
 
 import pytest
 
 from helpers import execute, kernel_manager, relay_config
 from linkemu import LinkEmulator, through_link
+from relaykernel.options import RelayOptions
+from relaykernel.relayed import build_chain
+from relaykernel.sync.ignore import LocalFile
 from relaykernel.sync.pacing import FLOOR_BYTES, AckPacer
+from relaykernel.sync.remote import Batch, RemoteTree
+from test_sync import write
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 
@@ -50,6 +56,32 @@ def test_the_pacer_keeps_rate_times_base_rtt_plus_the_queue_target_in_flight():
     slow.on_ack(1_000)
     assert slow.limit() == FLOOR_BYTES, "never below the floor"
     assert pacer.frame_bytes() <= pacer.limit(), "several acks per round trip"
+
+
+class PinnedPacer(AckPacer):
+    def limit(self) -> int:
+        return FLOOR_BYTES  # every batch needs acks to go on
+
+
+def test_acks_count_across_batches_on_one_receiver(topology, tmp_path):
+    """Batch after batch on one receiver, each bigger than what may be in flight: every one waits for acks."""
+    chain = build_chain(RelayOptions(**relay_config(topology, tmp_path)))
+    chain.connect()
+    root = f"rk-pace-{secrets.token_hex(4)}"
+    remote = RemoteTree(chain, python_argv=[topology.vm_python], root=f"~/{root}", timeout_seconds=10.0)
+    local = tmp_path / "p"
+    try:
+        remote.listing()  # the receiver is up; from now on only 64 KiB may be in flight
+        remote.pacer = PinnedPacer()
+        for index in range(3):
+            write(local, f"b{index}.bin", os.urandom(300_000))
+            file = LocalFile(f"b{index}.bin", 300_000, (local / f"b{index}.bin").stat().st_mtime_ns, 0o644)
+            assert remote.apply(local, Batch([file]))["written"] == 1
+        assert remote.pacer.acked == remote.pacer.sent > 900_000
+    finally:
+        remote.close()
+        topology.vm_run(["rm", "-rf", root])
+        chain.close()
 
 
 def test_the_kernel_answers_while_a_big_save_uploads_over_a_slow_link(topology, tmp_path):

@@ -10,7 +10,7 @@ answered in order on stdout:
   {"op": "apply", "root": DIR, "source": ID, "mtimes": {path: mtime_ns}, "moves": [[from, to], ...],
    "delete": [path, ...], "adopt": {path: [mtime_ns, sha256]}}
       then frames ``<n>\\n<n bytes>`` of one tar stream, ``0\\n``, and a JSON line {"hashes": {path: sha256}};
-      -> {"event": "ack", "bytes": n} after every frame, then
+      -> {"event": "ack", "bytes": n} after every frame (n: frame bytes read since this process started), then
          {"event": "applied", "written": n, "moved": n, "deleted": n, "missing": [to, ...], "errors": [text, ...]}
   {"op": "pack", "root": DIR, "paths": [path, ...]}
       -> a tar stream of those files on stdout (a vanished one is left out), then the process ends
@@ -79,8 +79,10 @@ class Manifest:
 class Frames:
     """The tar stream as ``<n>\\n<bytes>`` frames on stdin, acknowledged as read, ended by ``0\\n``."""
 
+    received = 0  # every frame byte this process has read: acks count from its start, across batches
+
     def __init__(self, stream):
-        self.stream, self.left, self.total, self.done = stream, 0, 0, False
+        self.stream, self.left, self.total, self.done = stream, 0, Frames.received, False
 
     def read(self, n=-1):
         while self.left == 0 and not self.done:
@@ -96,6 +98,7 @@ class Frames:
             raise EOFError("the sender went away mid-batch")
         self.left -= len(data)
         self.total += len(data)
+        Frames.received = self.total
         if self.left == 0:
             reply({"event": "ack", "bytes": self.total})
         return data
