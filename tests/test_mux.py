@@ -114,7 +114,7 @@ def test_control_frames_are_not_replayed() -> None:
 def test_a_resume_outside_the_log_is_a_protocol_error() -> None:
     mux = Mux()
     with pytest.raises(ProtocolError):
-        mux.feed(encode(15, 0, (10**9).to_bytes(8, "big")))
+        mux.feed(encode(15, 0, (10**9).to_bytes(8, "big") + (10**9).to_bytes(8, "big")))
 
 
 def test_a_control_request_made_during_a_cut_goes_out_on_the_next_transport() -> None:

@@ -344,6 +344,10 @@ class StreamLink:
                 self._close_client(client)
             elif kind == "control":
                 self._on_control(value)
+            elif kind == "resumed":
+                to_vm, from_vm = value
+                log.warning("the streams resumed: replayed %d bytes (%d to the VM, %d from it)", to_vm + from_vm,
+                            to_vm, from_vm)
             elif kind == "pong":
                 self.rtt_seconds = (time.monotonic_ns() - int(value)) / 1e9
                 self.window.observe_rtt(self.rtt_seconds)

@@ -34,7 +34,8 @@ MAX_PAYLOAD_BYTES = 1 << 24
 
 Event = Tuple[str, int, Any]  # noqa: UP006 - evaluated at import, and the VM side runs on Python 3.8
 """("open", stream, port name) | ("data", stream, bytes) | ("close", stream, None) | ("control", 0, dict) |
-("pong", 0, sent-at nanoseconds) | ("resumed", 0, bytes resent) — what ``feed`` reports to the I/O layer."""
+("pong", 0, sent-at nanoseconds) | ("resumed", 0, (bytes we resend, bytes the peer resends)) — what ``feed``
+reports to the I/O layer."""
 
 
 class ProtocolError(Exception):
@@ -141,7 +142,7 @@ class Mux:
         self._urgent.clear()
         self._resend.clear()
         self._awaiting_resume = True
-        self._urgent.append(encode(RESUME, 0, OFFSET.pack(self.received)))
+        self._urgent.append(encode(RESUME, 0, OFFSET.pack(self.received) + OFFSET.pack(self.sent)))
         self._urgent.extend(controls)
         self._ack_announced = self.received
         for stream, state in self._streams.items():
@@ -246,7 +247,8 @@ class Mux:
         elif kind == PONG:
             return ("pong", 0, OFFSET.unpack(payload)[0])
         elif kind == RESUME:
-            return ("resumed", 0, self._resume_from(OFFSET.unpack(payload)[0]))
+            peer_received, peer_sent = OFFSET.unpack_from(payload, 0)[0], OFFSET.unpack_from(payload, 8)[0]
+            return ("resumed", 0, (self._resume_from(peer_received), max(0, peer_sent - self.received)))
         else:
             raise ProtocolError(f"unknown frame kind {kind}")
         return None

@@ -157,7 +157,7 @@ class KernelStreams:
                 if reply is not None:
                     self.mux.control(reply)
             elif kind == "resumed":
-                log.info("resumed: %d bytes replayed to the laptop", value)
+                log.info("resumed: replayed %d bytes to the laptop, %d from it", *value)
 
     def _on_transport_writable(self) -> None:
         transport = self.transport
