@@ -123,3 +123,14 @@ def test_a_control_request_made_during_a_cut_goes_out_on_the_next_transport() ->
     pair.cut()
     pair.pump()
     assert pair.controls == [{"op": "signal", "signum": 2}]
+
+
+def test_a_silent_stream_opened_and_closed_during_a_cut_leaves_no_trace() -> None:
+    pair = Pair()
+    pair.laptop.new_transport()  # a transport that is not there yet: nothing leaves
+    for stream in range(1, 101):  # a client that connects and gives up, again and again, during an outage
+        pair.laptop.open(stream, "hb_port")
+        pair.laptop.close(stream)
+    assert pair.laptop.buffered_bytes() == 0
+    pair.pump()
+    assert pair.got["vm"] == {} and pair.closed["vm"] == set(), "nothing of them ever crosses"

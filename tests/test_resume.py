@@ -9,6 +9,7 @@ full lengths (10 s and 90 s outages, 300 lines).
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import threading
@@ -252,3 +253,20 @@ def test_output_during_a_cut_stays_within_the_buffer_limit(path: Path_, tmp_path
     finally:
         client.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_a_long_stall_holds_threads_and_fds_to_a_fixed_bound(path: Path_, relay_kernel: Any) -> None:
+    """Clients that retry during a stall (the heartbeat re-makes its socket each late beat) pile nothing up."""
+    km, client = relay_kernel
+    assert client.hb_channel.is_alive()
+    samples: list[tuple[int, int]] = []
+    with Blackhole(path.emulator):
+        for _ in range(24):  # 12 s of stall; `-m slow` covers the 60 s of the issue in test_a_long_fault...
+            samples.append((threading.active_count(), len(os.listdir("/proc/self/fd"))))
+            time.sleep(0.5)
+    threads, fds = zip(*samples)
+    print(f"during the stall: threads {min(threads)}..{max(threads)}, fds {min(fds)}..{max(fds)}")
+    assert max(threads) - min(threads) <= 4, "threads grew during the stall"
+    assert max(fds) - min(fds) <= 8, "file descriptors grew during the stall"
+    out, reply = execute(client, "print('after')", timeout_seconds=60)
+    assert (out.strip(), reply["status"]) == ("after", "ok")

@@ -81,7 +81,7 @@ class Mux:
         self._urgent: deque[bytes] = deque()
         self._streams: dict[int, _Stream] = {}
         self._ready: dict[int, None] = {}  # streams that may have something to frame, in round-robin order
-        self._opens: deque[bytes] = deque()  # OPEN frames go before any stream's data
+        self._opens: dict[int, bytes] = {}  # OPEN frames not sent yet, in order; they go before any data
         self._inbuf = bytearray()
         self._awaiting_resume = False
 
@@ -90,7 +90,7 @@ class Mux:
     def open(self, stream: int, port_name: str) -> None:
         """A new local connection for ``port_name`` (laptop side)."""
         self._streams[stream] = _Stream()
-        self._opens.append(encode(OPEN, stream, port_name.encode()))
+        self._opens[stream] = encode(OPEN, stream, port_name.encode())
 
     def accept(self, stream: int) -> None:
         """The peer opened ``stream`` (VM side): start counting it."""
@@ -107,7 +107,10 @@ class Mux:
     def close(self, stream: int) -> None:
         """The local end of ``stream`` is gone: CLOSE follows its pending data; the stream is forgotten."""
         state = self._streams.get(stream)
-        if state is not None and not state.closing:
+        if state is not None and not state.pending_bytes and self._opens.pop(stream, None) is not None:
+            del self._streams[stream]  # the peer never heard of it and it said nothing: no trace at all
+            self._ready.pop(stream, None)
+        elif state is not None and not state.closing:
             state.closing = True
             self._ready[stream] = None
 
@@ -282,8 +285,8 @@ class Mux:
         return state.closing
 
     def _next_stream_frame(self, room: int) -> bytes | None:
-        if self._opens:
-            return self._opens.popleft()
+        for stream in self._opens:
+            return self._opens.pop(stream)
         for stream in list(self._ready):
             del self._ready[stream]
             if not self._sendable(stream):
