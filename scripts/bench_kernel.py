@@ -12,10 +12,12 @@ import queue
 import secrets
 import shlex
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,7 +38,7 @@ from relaykernel.sandbox.topology import SandboxInfo
 WORKER_ENV = "RELAYKERNEL_BENCH_WORKER"
 SPEC_NAME = "relaybench"
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")  # Jupyter's five
-RELAYKERNEL, OPENSSH, RESUME_OFF, LOCAL = "relaykernel", "OpenSSH", "relaykernel, resume off", "local kernel"
+RELAYKERNEL, OPENSSH, RESUME_OFF, LOCAL = "relaykernel", "OpenSSH", "plain forwards", "local kernel"
 ROUND_TRIPS, WAN_ROUND_TRIPS = 200, 40  # execute('1') samples on loopback / on an emulated WAN
 RESEND_SECONDS = 0.1  # kernel_info is re-sent this often until answered: the wait is never quantised coarser
 QUIET_SECONDS = 0.2
@@ -212,6 +214,97 @@ class RelayKernelRun:
             raise RuntimeError("the kernel died before answering kernel_info")
 
 
+class PlainForwards:
+    """The kernel's five ports over one plain direct-tcpip channel per connection of relaykernel's own SSH chain.
+
+    relaykernel's previous data plane, kept here only to price resumability: same kernel, same chain, same run,
+    without the streams (no numbering, no replay, no supervisor in the path). Bench-only; never shipped.
+    """
+
+    def __init__(self, chain: Any, remote_ports: dict[str, int]) -> None:
+        self.chain, self.remote_ports = chain, remote_ports
+        self.listeners: dict[str, socket.socket] = {}
+        self.threads: list[threading.Thread] = []
+        self.open: list[Any] = []
+        self.stopping = threading.Event()
+
+    def start(self) -> dict[str, int]:
+        for name in PORT_NAMES:
+            listener = socket.create_server((LOOPBACK, 0))
+            self.listeners[name] = listener
+            self._spawn(self._accept, listener, self.remote_ports[name])
+        return {name: listener.getsockname()[1] for name, listener in self.listeners.items()}
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for listener in self.listeners.values():
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for end in self.open:
+            with contextlib.suppress(OSError):
+                end.close()
+        for thread in self.threads:
+            thread.join(5)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _accept(self, listener: socket.socket, remote_port: int) -> None:
+        while not self.stopping.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            channel = self.chain.open_forward(remote_port)
+            self.open += [client, channel]
+            self._spawn(self._pump, client.recv, channel.sendall)
+            self._spawn(self._pump, channel.recv, client.sendall)
+
+    @staticmethod
+    def _pump(read: Callable[[int], bytes], write: Callable[[bytes], None]) -> None:
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            while chunk := read(65536):
+                write(chunk)
+
+
+class PlainForwardRun(RelayKernelRun):
+    """The same relaykernel kernel, its client connected through PlainForwards instead of the streams."""
+
+    forwards: PlainForwards | None = None
+
+    def cold_start(self) -> float:
+        elapsed = super().cold_start()  # the kernel and its chain, as relaykernel starts them
+        assert self.km is not None and self.client is not None
+        self.client.stop_channels()
+        self.client = self._plain_client()
+        wait_for_kernel_info(self.client, self._check_alive)
+        settle(self.client)
+        return elapsed
+
+    def restart(self) -> float:
+        return float("nan")  # the same start as relaykernel's: only latency and throughput are compared
+
+    def stop(self) -> None:
+        super().stop()
+        if self.forwards is not None:
+            self.forwards.stop()
+
+    def _plain_client(self) -> BlockingKernelClient:
+        assert self.km is not None
+        relayed = self.km.provisioner.relayed  # type: ignore[union-attr]
+        self.forwards = PlainForwards(relayed.chain, {n: int(p) for n, p in relayed.remote.started["ports"].items()})
+        ports = self.forwards.start()
+        client = BlockingKernelClient()
+        client.load_connection_info({"ip": LOOPBACK, "transport": "tcp", "key": self.km.session.key,
+                                     "signature_scheme": self.km.session.signature_scheme, **ports})
+        client.start_channels()
+        return client
+
+
 # ---- the baseline: plain OpenSSH, ProxyJump from the same ssh config -------------------------------------------
 
 
@@ -317,12 +410,12 @@ class OpenSSHRun:
 
 @dataclass(frozen=True)
 class Plan:
-    """What to run: rounds per contender, MiB to print, the links, and the switch that turns resumability off."""
+    """What to run: rounds per contender, MiB to print, the links, and whether to price resumability."""
 
     rounds: int
     output_mib: int
     profiles: list[Profile]
-    resume_off: dict[str, Any]  # provisioner config that turns the data plane's resumability off; empty: not measured
+    resume_cost: bool  # also run the same kernel through plain forwards (PlainForwards)
 
     def output_mib_for(self, profile: Profile) -> int:
         """On a rate-limited downlink print about 8 s worth: the rate is what is measured, not the size."""
@@ -374,14 +467,14 @@ def run_profile(laptop: SandboxInfo, profile: Profile, plan: Plan, scratch: Path
                 kernel_ids: list[str]) -> dict[str, list[Sample]]:
     """Every round of every contender across one link, interleaved (who goes first alternates)."""
     directory = scratch / f"profile-{profile.name}"
-    specs = {RELAYKERNEL: install_relay_spec(directory / "on", laptop, remote_root)}
-    if plan.resume_off:
-        specs[RESUME_OFF] = install_relay_spec(directory / "off", laptop, remote_root, plan.resume_off)
-    samples: dict[str, list[Sample]] = {name: [] for name in [*specs, OPENSSH]}
+    spec = install_relay_spec(directory / "on", laptop, remote_root)
+    names = [RELAYKERNEL, *([RESUME_OFF] if plan.resume_cost else []), OPENSSH]
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
     for index in range(plan.rounds):
-        make: dict[str, Callable[[], RelayKernelRun | OpenSSHRun]] = {
-            name: (lambda spec=spec: RelayKernelRun(spec, kernel_ids)) for name, spec in specs.items()
-        }
+        make: dict[str, Callable[[], RelayKernelRun | OpenSSHRun]] = {RELAYKERNEL: lambda: RelayKernelRun(spec,
+                                                                                                           kernel_ids)}
+        if plan.resume_cost:
+            make[RESUME_OFF] = lambda: PlainForwardRun(spec, kernel_ids)
         remote = f"{remote_root}/openssh-{profile.name}-{index}"
         make[OPENSSH] = lambda remote=remote: OpenSSHRun(laptop, remote, scratch)
         for name in sorted(make, reverse=index % 2 == 1):
@@ -474,8 +567,9 @@ def profile_rows(profile: Profile, samples: dict[str, list[Sample]], local: list
                     "≥ 0.95", output.ours / link_mb_per_s >= 0.95)
         rows.append(share)
     if RESUME_OFF in samples:
-        rows.append(row("resumability on / off: execute('1') (ms)", "round_trip_s", 1000, 2, (RELAYKERNEL, RESUME_OFF)))
-        rows.append(row("resumability on / off: print (MB/s)", "output_mb_per_s", 1, 2, (RELAYKERNEL, RESUME_OFF)))
+        rows.append(row("streams / plain forwards: execute('1') (ms)", "round_trip_s", 1000, 2,
+                        (RELAYKERNEL, RESUME_OFF)))
+        rows.append(row("streams / plain forwards: print (MB/s)", "output_mb_per_s", 1, 2, (RELAYKERNEL, RESUME_OFF)))
     return rows
 
 
@@ -530,9 +624,9 @@ def notes(results: dict[str, Any], plan: Plan) -> list[str]:
         f" s (one more ssh through the relay); relaykernel's one-time import in a fresh process, "
         f"{results['machine']['first_import_s']:.3f} s.",
     ]
-    if not plan.resume_off:
-        lines.append("Cost of resumability: not measured; pass --resume-off KEY=VALUE (the provisioner option that "
-                      "turns the data plane's resumability off) to add its rows.")
+    if plan.resume_cost:
+        lines.append("Cost of resumability: the same kernel and SSH chain with the client on plain direct-tcpip "
+                     "forwards (no streams, no replay), in the same run; their ratio is the 'streams / plain' rows.")
     return lines
 
 
@@ -543,23 +637,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profiles", type=parse_profiles, default=parse_profiles(DEFAULT_PROFILES),
                         help=f"links to measure across, from: {', '.join(PROFILES)} (default {DEFAULT_PROFILES}); "
                         "'direct' is loopback without the emulator; names are the RTT in ms")
-    parser.add_argument("--resume-off", action="append", default=[], metavar="KEY=VALUE",
-                        help="provisioner config that turns resumability off; adds a third contender and its rows")
+    parser.add_argument("--no-resume-cost", dest="resume_cost", action="store_false",
+                        help="skip the contender that prices resumability (plain forwards over the same chain)")
     parser.add_argument("--json", type=Path, help="also write the samples and the tables to this file")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.output_mib < 1:
         parser.error("--rounds and --output-mib must be at least 1")
-    if any("=" not in item for item in args.resume_off):
-        parser.error("--resume-off takes KEY=VALUE")
     return args
-
-
-def config_value(text: str) -> Any:
-    """A --resume-off value: JSON where it parses (false, 0, 1.5), else the string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def run_in_own_session(argv: list[str], script: Path = Path(__file__)) -> int:
@@ -587,8 +671,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.environ.pop("SSH_AUTH_SOCK", None)  # both contenders offer only the topology's key
     importlib.import_module("relaykernel.provisioner")  # every timed start finds it imported (import: own line)
-    resume_off = {key: config_value(value) for key, _, value in (item.partition("=") for item in args.resume_off)}
-    plan = Plan(args.rounds, args.output_mib, args.profiles, resume_off)
+    plan = Plan(args.rounds, args.output_mib, args.profiles, args.resume_cost)
     try:
         results = collect(plan)
     except KeyboardInterrupt:

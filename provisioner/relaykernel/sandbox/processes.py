@@ -67,9 +67,40 @@ def wait_gone(pids: list[int], timeout_seconds: float) -> list[int]:
 
 
 def terminate_all(pids: list[int], timeout_seconds: float = 2.0) -> None:
-    """SIGTERM each pid, then SIGKILL those still there after ``timeout_seconds``."""
-    signal_all(pids, signal.SIGTERM)
-    signal_all(wait_gone(pids, timeout_seconds), signal.SIGKILL)
+    """SIGTERM each pid, then SIGKILL those still there after ``timeout_seconds``.
+
+    Where the platform has pidfds the signals go through them, so a pid that ended meanwhile and was reused by
+    another process (a busy machine wraps its pid counter in minutes) is never signalled by mistake.
+    """
+    handles = _pidfds(pids)
+    try:
+        for pid in pids:
+            _send(handles, pid, signal.SIGTERM)
+        for pid in wait_gone(pids, timeout_seconds):
+            _send(handles, pid, signal.SIGKILL)
+    finally:
+        for handle in handles.values():
+            os.close(handle)
+
+
+def _pidfds(pids: list[int]) -> dict[int, int]:
+    handles: dict[int, int] = {}
+    if not hasattr(os, "pidfd_open"):
+        return handles
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            handles[pid] = os.pidfd_open(pid)
+    return handles
+
+
+def _send(handles: dict[int, int], pid: int, signum: int) -> None:
+    handle = handles.get(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if handle is None:
+            if not hasattr(os, "pidfd_open"):
+                os.kill(pid, signum)  # no pidfds here: the plain pid is all there is
+            return  # it was already gone when the handles were taken
+        signal.pidfd_send_signal(handle, signum)
 
 
 def stop_process_tree(process: subprocess.Popen[bytes], timeout_seconds: float = 3.0) -> None:
@@ -77,16 +108,23 @@ def stop_process_tree(process: subprocess.Popen[bytes], timeout_seconds: float =
     # Children first: wrappers such as runuser wait for their child and exit with it (on SIGTERM
     # runuser would instead give the child 2 s of grace), and sshd's sessions outlive the listener.
     below = descendants(process.pid) if process.poll() is None else []
-    signal_all(below, signal.SIGTERM)
-    stubborn = wait_gone(below, timeout_seconds)
-    if process.poll() is None:
-        process.terminate()
+    handles = _pidfds(below)
     try:
-        process.wait(timeout=timeout_seconds)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=timeout_seconds)
-    signal_all(stubborn, signal.SIGKILL)
+        for pid in below:
+            _send(handles, pid, signal.SIGTERM)
+        stubborn = wait_gone(below, timeout_seconds)
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=timeout_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout_seconds)
+        for pid in stubborn:
+            _send(handles, pid, signal.SIGKILL)
+    finally:
+        for handle in handles.values():
+            os.close(handle)
 
 
 def log_tail(path: Path, lines: int) -> str:
