@@ -92,6 +92,7 @@ class StreamLink:
         self._mux: Mux | None = None
         self._transport: Transport | None = None
         self._transport_fd = -1
+        self._reading = False
         self._inbox = bytearray()
         self._last_heard = 0.0
         self._next_keepalive = 0.0
@@ -123,14 +124,31 @@ class StreamLink:
         self._writer.start()
         return dict(self.local_ports)
 
-    def begin_session(self, transport: Transport, leftover: bytes = b"") -> None:
-        """A new kernel's streams over ``transport``: connections made before it now reach it."""
+    def begin_session(self, transport: Transport, leftover: bytes = b"", *, reading: bool = True) -> None:
+        """A new kernel's streams over ``transport``: connections made before it now reach it.
+
+        ``reading=False`` sends at once but leaves the channel to its owner until ``start_reading``: a launch sends
+        the waiting clients' first bytes right behind its request, while it still reads the launch's answer lines.
+        """
         with self._lock:
             self._end_streams()
             self._mux = Mux()
-            self._set_transport(transport, leftover)
+            self._set_transport(transport, leftover, reading=reading)
             for client in self._clients.values():
                 self._open_stream(client)
+        self._wake()
+
+    def start_reading(self, leftover: bytes = b"") -> None:
+        """The owner is done with the channel's first lines; ``leftover`` is what it read past them."""
+        with self._lock:
+            if self._transport is None or self._reading:
+                return
+            self._reading = True
+            self._transport.settimeout(None)  # the owner's line reads set a timeout: sends must wait, not fail
+            self._last_heard = time.monotonic()
+            self._reactor.set(self._transport_fd, self._on_transport_readable)
+            if leftover:
+                self._handle(leftover)
         self._wake()
 
     def resume(self, transport: Transport, leftover: bytes = b"") -> int:
@@ -229,7 +247,7 @@ class StreamLink:
     def _tick(self, now: float) -> None:
         with self._lock:
             mux, silent = self._mux, now - self._last_heard
-            if mux is None or self._transport is None:
+            if mux is None or self._transport is None or not self._reading:
                 return
             if silent <= self.silence_seconds:
                 if now >= self._next_keepalive:
@@ -307,12 +325,10 @@ class StreamLink:
     def _on_transport_readable(self) -> None:
         with self._lock:
             transport = self._transport
-            if transport is None:
+            if transport is None or not _has_input(transport):
                 return
             try:
                 data = transport.recv(READ_BYTES)
-            except socket.timeout:
-                return
             except (OSError, EOFError):
                 data = b""
             if data:
@@ -405,13 +421,15 @@ class StreamLink:
 
     # ---- helpers (called with the lock held)
 
-    def _set_transport(self, transport: Transport, leftover: bytes) -> None:
+    def _set_transport(self, transport: Transport, leftover: bytes, *, reading: bool = True) -> None:
         self._drop_transport()
-        transport.settimeout(0.0)
+        transport.settimeout(None)  # the writer's sends wait for the SSH window; reads happen only when data is there
         self._transport = transport
         self._transport_fd = transport.fileno()
         self._last_heard = time.monotonic()
-        self._reactor.set(self._transport_fd, self._on_transport_readable)
+        self._reading = reading
+        if reading:
+            self._reactor.set(self._transport_fd, self._on_transport_readable)
         if self._resize_window is not None:
             self._resize_window(transport, self.window.window)
         if leftover:
@@ -421,7 +439,7 @@ class StreamLink:
         """Stop using the transport. Never close it here: on a hung link that blocks; its owner closes the SSH hop."""
         if self._transport is not None:
             self._reactor.forget(self._transport_fd)
-        self._transport, self._transport_fd = None, -1
+        self._transport, self._transport_fd, self._reading = None, -1, False
 
     def _open_stream(self, client: _Client) -> None:
         assert self._mux is not None
@@ -459,6 +477,13 @@ class StreamLink:
             self._wake_w.send(b"x")
         with self._lock:
             self._wake_writer.notify()
+
+
+def _has_input(transport: Any) -> bool:
+    """True when a recv() returns at once: data is buffered, or the channel ended (a plain socket: the selector said
+    so). paramiko's readiness pipe can be set a moment longer than its buffer holds data."""
+    ready = getattr(transport, "recv_ready", None)
+    return ready is None or ready() or bool(transport.closed) or bool(transport.eof_received)
 
 
 def _bind(name: str, port: int) -> socket.socket:

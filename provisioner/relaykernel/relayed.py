@@ -110,8 +110,15 @@ class RelayedKernel:
         mux = {"session": session, "buffer_limit_bytes": int(self.options.stream_buffer_mb * 1e6)}
         remote = RemoteKernel(self.chain, kernel_id=self.kernel_id, python_argv=self.options.python_argv(),
                               timeout_seconds=self.options.command_timeout_seconds)
-        handshake = remote.launch(self._launch_request(key, signature_scheme), mux,
-                                  self.options.launch_timeout_seconds)
+        link = self.link
+        assert link is not None
+        try:
+            handshake = remote.launch(self._launch_request(key, signature_scheme), mux,
+                                      self.options.launch_timeout_seconds,
+                                      on_sent=lambda channel: link.begin_session(channel, reading=False))
+        except BaseException:
+            link.end_session()
+            raise
         self._begin(remote, handshake, mux)
         return ports
 
@@ -119,11 +126,12 @@ class RelayedKernel:
         assert self.link is not None and self.chain is not None
         with self._lock:
             self.remote, self.final = remote, None
-            self.link.begin_session(handshake.channel, handshake.leftover)
+            self.link.start_reading(handshake.leftover)
             self.keeper = LinkKeeper(self.chain, remote, self.link, mux,
                                      max_backoff_seconds=self.options.reconnect_max_backoff_seconds,
                                      on_back=self._link_back, on_gone=self._gone)
             self.keeper.start()
+        self.chain.prepare_session()  # the next start (a restart) finds its session open
         self._step("started")
 
     def _step(self, what: str) -> None:

@@ -10,12 +10,14 @@ import functools
 import json
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .bundle import vm_program
 from .common.errors import KERNEL, VM, LinkDown, RemoteLaunchError
 from .common.protocol import PORT_NAMES, PROTOCOL_VERSION, RUN_ROOT
+from .logs import step
 from .ssh.chain import SSHChain
 
 SUPERVISOR = "relaykernel.vm.supervisor.main"
@@ -56,12 +58,20 @@ class RemoteKernel:
         self.window_bytes = window_bytes
         self.started: dict[str, Any] = {}
 
-    def launch(self, request: dict[str, Any], mux: dict[str, Any], timeout_seconds: float) -> Handshake:
-        """Start the supervisor and the kernel, then switch to streams; RemoteLaunchError when it cannot."""
+    def launch(self, request: dict[str, Any], mux: dict[str, Any], timeout_seconds: float,
+               on_sent: Callable[[Any], None] = lambda channel: None) -> Handshake:
+        """Start the supervisor and the kernel, then switch to streams; RemoteLaunchError when it cannot.
+
+        ``on_sent(channel)`` runs as soon as the request is on its way: stream frames sent from then on reach the
+        kernel as soon as it is up (clients waiting for it save a round trip).
+        """
         first = {"mode": "launch", "kernel_id": self.kernel_id, "run_root": RUN_ROOT, **request}
-        channel = self._run(first, mux)
+        with step("session for the supervisor, request sent"):
+            channel = self._run(first, mux)
+        on_sent(channel)
         reader = _LineReader(channel, time.monotonic() + timeout_seconds)
-        event = reader.next_event()
+        with step("supervisor started, kernel bound its ports"):
+            event = reader.next_event()
         if event is None or event.get("event") != "started":
             failure = self._launch_failure(channel, event, timeout_seconds)
             channel.close()
@@ -92,7 +102,8 @@ class RemoteKernel:
 
     def _run(self, first: dict[str, Any], mux: dict[str, Any]) -> Any:
         lines = (json.dumps(first) + "\n" + json.dumps({"op": "mux", **mux}) + "\n").encode()
-        return self.chain.start_program(self.python_argv, supervisor_program(), lines, window_bytes=self.window_bytes)
+        return self.chain.start_program(self.python_argv, supervisor_program(), lines, window_bytes=self.window_bytes,
+                                        spare=True)
 
     def _launch_failure(self, channel: Any, event: dict[str, Any] | None, timeout_seconds: float) -> RemoteLaunchError:
         where = self.chain.vm_label

@@ -16,6 +16,7 @@ from paramiko.common import cMSG_CHANNEL_REQUEST
 
 from ..common.errors import RELAY, VM, ConnectError, ForwardRefused, HopError, LinkDown
 from ..common.protocol import BOOTSTRAP
+from ..logs import step
 from .auth import authenticate
 from .config import HopSettings
 from .hostkeys import KnownHosts
@@ -71,6 +72,9 @@ class SSHChain:
         self._transports: list[paramiko.Transport] = []
         self._lock = threading.Lock()
         self._nodelay_threads: list[threading.Thread] = []
+        self._spare: paramiko.Channel | None = None  # a session opened ahead of the next kernel start
+        self._spare_lock = threading.Lock()
+        self._spare_thread: threading.Thread | None = None
 
     def hop_name(self, index: int) -> str:
         """'relay' for jump hosts, 'VM' for the last hop."""
@@ -88,7 +92,9 @@ class SSHChain:
         with self._lock:
             self._drop_dead_tail()
             while len(self._transports) < wanted:
-                self._transports.append(self._connect_hop(len(self._transports)))
+                index = len(self._transports)
+                with step(f"SSH to the {self.hop_name(index)} ({describe(self.hops[index])}): connect, keys, auth"):
+                    self._transports.append(self._connect_hop(index))
 
     def run(self, command: str, timeout_seconds: float) -> tuple[int, str, str]:
         """Run a command on the VM; (exit status, stdout, stderr). Output is small by contract."""
@@ -134,15 +140,25 @@ class SSHChain:
             raise LinkDown(VM, self.vm_label, f"could not open a session: {_reason(error)}",
                            "relaykernel reconnects by itself; if this persists, check the VM's tunnel") from None
 
+    def prepare_session(self) -> None:
+        """Open a session channel in the background for the next ``start_program(spare=True)`` (a restart saves the
+        round trip of opening one). At most one is kept; a cut or ``close`` discards it."""
+        with self._spare_lock:
+            if self._spare is not None or (self._spare_thread is not None and self._spare_thread.is_alive()):
+                return
+            self._spare_thread = threading.Thread(target=self._open_spare, name="relaykernel-spare-session",
+                                                  daemon=True)
+            self._spare_thread.start()
+
     def start_program(self, python_argv: Sequence[str], program: bytes, first_lines: bytes = b"", *,
-                      window_bytes: int | None = None) -> paramiko.Channel:
+                      window_bytes: int | None = None, spare: bool = False) -> paramiko.Channel:
         """Run a bundled VM program (``relaykernel.bundle``) and send it ``first_lines``: the one way to run code there.
 
         The exec request goes without waiting for its reply, with the program and the first lines right behind it,
         so starting costs the session open and no further round trip. A python that cannot run shows up as the
         channel closing with status 126/127 and the shell's message on stderr.
         """
-        channel = self.open_session(window_bytes)
+        channel = (self._take_spare() if spare else None) or self.open_session(window_bytes)
         command = shlex.join([*python_argv, "-c", BOOTSTRAP])
         try:
             _exec_without_waiting(channel, command)
@@ -171,6 +187,7 @@ class SSHChain:
 
     def drop(self, *, keep_relays: bool) -> None:
         """Close the VM hop, and the relay hops too unless keep_relays, so connect() rebuilds them."""
+        self._discard_spare()
         with self._lock:
             keep = len(self.hops) - 1 if keep_relays else 0
             for transport in reversed(self._transports[keep:]):
@@ -179,6 +196,7 @@ class SSHChain:
 
     def close(self) -> None:
         """Close every hop, innermost first; safe to call twice."""
+        self._discard_spare()
         with self._lock:
             for transport in reversed(self._transports):
                 transport.close()
@@ -186,6 +204,37 @@ class SSHChain:
         for thread in self._nodelay_threads:
             thread.join(timeout=1.0)
         self._nodelay_threads = []
+        spare_thread = self._spare_thread
+        if spare_thread is not None:
+            spare_thread.join(timeout=self.policy.channel_timeout_seconds)
+        self._discard_spare()
+
+    def _open_spare(self) -> None:
+        try:
+            channel = self.open_session()
+        except HopError:
+            return  # the start that wanted it opens its own
+        with self._spare_lock:
+            old, self._spare = self._spare, channel
+        if old is not None:
+            old.close()
+
+    def _take_spare(self) -> paramiko.Channel | None:
+        with self._spare_lock:
+            channel, self._spare = self._spare, None
+        transports = self._transports
+        if channel is not None and channel.active and not channel.closed and transports and \
+                channel.get_transport() is transports[-1] and transports[-1].is_active():
+            return channel
+        if channel is not None:
+            channel.close()
+        return None
+
+    def _discard_spare(self) -> None:
+        with self._spare_lock:
+            channel, self._spare = self._spare, None
+        if channel is not None:
+            channel.close()
 
     def _drop_dead_tail(self) -> None:
         for index, transport in enumerate(self._transports):

@@ -16,13 +16,22 @@ class LinePeer:
         self.pending = b""
         self.writable = True
 
-    def feed(self, data: bytes) -> list[bytes]:
-        lines = (self.pending + data).split(b"\n")
-        self.pending = lines.pop()
-        if len(self.pending) > MAX_LINE_BYTES:
-            self.pending = b""
-            lines.append(b"<line too long>")
-        return [line for line in lines if line.strip()]
+    def feed(self, data: bytes) -> None:
+        self.pending += data
+
+    def next_line(self) -> bytes | None:
+        """The next complete non-blank line, or None; what follows it stays in ``pending`` byte for byte (after a
+        line asking for the streams, frames may already be there)."""
+        while True:
+            newline = self.pending.find(b"\n")
+            if newline < 0:
+                if len(self.pending) > MAX_LINE_BYTES:
+                    self.pending = b""
+                    return b"<line too long>"
+                return None
+            line, self.pending = self.pending[:newline], self.pending[newline + 1:]
+            if line.strip():
+                return line
 
     def send(self, event: dict) -> None:
         if not self.writable:

@@ -72,11 +72,11 @@ class KernelSupervisor:
         self.handle_data(peer, data)
 
     def handle_data(self, peer: LinePeer, data: bytes) -> None:
-        lines = peer.feed(data)
-        for index, line in enumerate(lines):
+        peer.feed(data)
+        while (line := peer.next_line()) is not None:
             message = _parse(line)
             if message.get("op") == "mux":
-                rest = b"\n".join(lines[index + 1:]) + (b"\n" if index + 1 < len(lines) else b"") + peer.pending
+                rest, peer.pending = peer.pending, b""
                 self.switch_to_streams(peer, message, rest)
                 return
             self.handle_message(message, peer.send, line)
