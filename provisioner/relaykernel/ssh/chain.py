@@ -309,7 +309,8 @@ class SSHChain:
             raise ConnectError(
                 name, describe(hop),
                 f"SSH handshake failed: {error or type(error).__name__}{proxy_outcome(sock, error)}",
-                "is an SSH server listening there, and is the path to it up?"
+                "run the ProxyCommand in a terminal to see why it fails" if hop.proxy_command and index == 0
+                else "is an SSH server listening there, and is the path to it up?"
             ) from None
         self._check_host_key(transport, index, known)
         return transport
