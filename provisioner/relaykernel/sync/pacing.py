@@ -19,8 +19,10 @@ class AckPacer:
     round trip only queue, ahead of the kernel's messages and the lease renewals. Each ack names the bytes the
     receiver has read so far; the time from a frame's send to its ack gives the round trip (the smallest in the last
     10 s is the base), and the bytes acked per elapsed time give the delivery rate (the largest in the last second).
-    While the latest round trip shows no queue (within half the queue target of the base), the link has room: the
-    limit doubles, so a long fat path fills in a few round trips; once a queue shows, it holds at the target.
+    At first the limit is doubled (a start-up phase, so a long fat path fills in a few round trips), until the round
+    trips of one round trip show a queue (even the smallest is beyond half the queue target over the base: one late
+    ack is jitter, not a queue). From then on it holds at the target; a link that gets faster still shows it, as the
+    bytes in flight then come back sooner than the target allows for.
     """
 
     def __init__(self, *, floor_bytes: int = FLOOR_BYTES, queue_seconds: float = QUEUE_SECONDS,
@@ -34,7 +36,8 @@ class AckPacer:
         self._flight: deque[tuple[int, float, int, float]] = deque()  # end offset, sent at, acked then, its time
         self._rates: deque[tuple[float, float]] = deque()  # (at, bytes per second)
         self._min_rtt: tuple[float, float] | None = None  # (seconds, measured at)
-        self._last_rtt = 0.0
+        self._recent_rtts: deque[tuple[float, float]] = deque()  # (at, seconds) over about the last round trip
+        self.starting = True
 
     @property
     def in_flight(self) -> int:
@@ -53,7 +56,7 @@ class AckPacer:
         rtt, rate = self.base_rtt_seconds, self.rate_bytes_per_second
         if rtt is None or rate <= 0:
             return self.floor_bytes
-        gain = 2.0 if self._last_rtt < rtt + self.queue_seconds / 2 else 1.0
+        gain = 2.0 if self.starting else 1.0
         return max(self.floor_bytes, int(gain * rate * (rtt + self.queue_seconds)))
 
     def room(self) -> int:
@@ -76,9 +79,14 @@ class AckPacer:
         if sample is None:
             return
         _, sent_at, acked_then, acked_then_at = sample
-        rtt = self._last_rtt = now - sent_at
+        rtt = now - sent_at
         if self._min_rtt is None or rtt <= self._min_rtt[0] or now - self._min_rtt[1] > _MIN_RTT_WINDOW_SECONDS:
             self._min_rtt = (rtt, now)
+        self._recent_rtts.append((now, rtt))
+        while now - self._recent_rtts[0][0] > self._min_rtt[0] + self.queue_seconds and len(self._recent_rtts) > 1:
+            self._recent_rtts.popleft()
+        if min(seconds for _, seconds in self._recent_rtts) > self._min_rtt[0] + self.queue_seconds / 2:
+            self.starting = False  # a queue: the link is full
         elapsed = max(now - acked_then_at, rtt, 1e-6)
         self._rates.append((now, (total - acked_then) / elapsed))
         while self._rates and now - self._rates[0][0] > _RATE_WINDOW_SECONDS and len(self._rates) > 1:
