@@ -15,11 +15,12 @@ from pathlib import Path
 from relaykernel.common.errors import RELAY, VM
 from relaykernel.common.relay_keys import laptop_key_line, relay_sshd_config, tunnel_key_line
 from relaykernel.sandbox.keys import SshHost, generate_keypairs, write_lines, write_ssh_config
+from relaykernel.sandbox.netns import delete_netns, netns_pids, start_socket_bridge
 from relaykernel.sandbox.ports import LOOPBACK, free_loopback_ports
-from relaykernel.sandbox.processes import stop_process_tree, terminate_all, wait_gone
+from relaykernel.sandbox.processes import stop_process_tree, wait_gone
 from relaykernel.sandbox.sshd import SshdServer
 from relaykernel.sandbox.tools import find_tool
-from topology import RELAY_USER, VM_USER, _run, _wait_for_path, ensure_user
+from topology import RELAY_USER, VM_USER, _run, ensure_user
 
 PROVISIONER_DIR = Path(__file__).resolve().parent.parent / "provisioner"
 VM_PYTHON = "/usr/bin/python3"  # Debian's: the stdlib and ipykernel, no relaykernel installed
@@ -70,12 +71,8 @@ class CellTopology:
         self._start_bridge()
 
     def _start_bridge(self) -> None:
-        argv = [find_tool("socat"), f"UNIX-LISTEN:{self.socket_path},fork,mode=0666",
-                f"TCP:{LOOPBACK}:{self.relay_port},nodelay"]
-        bridge = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        bridge = start_socket_bridge(self.socket_path, self.relay_port, self.root / "socat.log", mode="0666")
         self._stops.append(lambda: stop_process_tree(bridge))
-        if not _wait_for_path(self.socket_path, bridge):
-            raise RuntimeError(f"socat did not create {self.socket_path}")
 
     def authorize_tunnel_key(self, public_key: str, port: int | None = None) -> None:
         """What the user does on the relay once: let the VM's tunnel key listen on its port only."""
@@ -131,8 +128,7 @@ class CellTopology:
         return str(write_ssh_config(self.root / f"ssh_config_{secrets.token_hex(3)}", hosts))
 
     def netns_pids(self) -> list[int]:
-        listing = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True, timeout=10)
-        return [int(pid) for pid in listing.stdout.split()]
+        return netns_pids(self.netns)
 
     def kill_vm(self) -> None:
         """Every process of the VM gone at once, as when the platform recycles it."""
@@ -143,10 +139,7 @@ class CellTopology:
         wait_gone(pids, 5.0)
 
     def _delete_netns(self) -> None:
-        remaining = self.netns_pids()
-        terminate_all(remaining)
-        wait_gone(remaining, 2.0)
-        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=10, check=False)
+        delete_netns(self.netns)
 
 
 def _stop_cell(process: subprocess.Popen[bytes]) -> None:

@@ -57,25 +57,36 @@ class NamespaceSandbox(LoopbackSandbox):
     def _tunnel_route(self) -> TunnelRoute:
         assert self.relay_sshd is not None
         socket_path = self.state_dir / "relay.sock"
-        argv = [find_tool("socat"), f"UNIX-LISTEN:{socket_path},fork,mode=0600",
-                f"TCP:127.0.0.1:{self.relay_sshd.port},nodelay"]
-        with open(self.state_dir / "relay/socat.log", "ab") as log:
-            bridge = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        bridge = start_socket_bridge(socket_path, self.relay_sshd.port, self.state_dir / "relay/socat.log")
         self._stops.append(lambda: stop_process_tree(bridge))
-        if not _wait_for(socket_path, bridge):
-            raise RuntimeError(f"socat did not create {socket_path}; see {self.state_dir}/relay/socat.log")
         return TunnelRoute(netns=self.netns, proxy_command=f"{find_tool('socat')} - UNIX-CONNECT:{socket_path}")
 
     def _delete_netns(self) -> None:
-        listing = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True, timeout=10)
-        remaining = [int(pid) for pid in listing.stdout.split()]
-        terminate_all(remaining)
-        wait_gone(remaining, 2.0)
-        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, timeout=10, check=False)
+        delete_netns(self.netns)
 
 
-def _wait_for(path: Path, process: subprocess.Popen[bytes]) -> bool:
+def start_socket_bridge(socket_path: Path, relay_port: int, log_file: Path, mode: str = "0600") -> subprocess.Popen:
+    """socat offering the relay's 127.0.0.1:RELAY_PORT as a unix socket (a namespace's only way out)."""
+    argv = [find_tool("socat"), f"UNIX-LISTEN:{socket_path},fork,mode={mode}", f"TCP:127.0.0.1:{relay_port},nodelay"]
+    with open(log_file, "ab") as log:
+        bridge = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     deadline = time.monotonic() + _SOCKET_WAIT_SECONDS
-    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not socket_path.exists() and bridge.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    return path.exists()
+    if not socket_path.exists():
+        stop_process_tree(bridge)
+        raise RuntimeError(f"socat did not create {socket_path}; see {log_file}")
+    return bridge
+
+
+def netns_pids(netns: str) -> list[int]:
+    listing = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=10)
+    return [int(pid) for pid in listing.stdout.split()]
+
+
+def delete_netns(netns: str) -> None:
+    """End whatever still runs in NETNS, then delete it."""
+    remaining = netns_pids(netns)
+    terminate_all(remaining)
+    wait_gone(remaining, 2.0)
+    subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=10, check=False)
