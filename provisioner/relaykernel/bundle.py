@@ -12,7 +12,6 @@ import base64
 import functools
 import hashlib
 import json
-import shlex
 import zlib
 from dataclasses import dataclass
 from importlib import resources
@@ -151,16 +150,6 @@ def vm_program(entry: str, *, compressed: bool = True) -> bytes:
 
 
 # For short one-shot commands that need no stdin: the program rides in argv (no secret may go this way).
-ARGV_BOOTSTRAP = ("import base64,sys,zlib;p=zlib.decompress(base64.b64decode(sys.argv.pop(1)));"
-                  "exec(compile(p,'relaykernel-program','exec'))")
-
-
-def vm_command(python_argv: list[str], entry: str, args: list[str]) -> str:
-    """A shell command running ENTRY's main() with ARGS as sys.argv[1:]; stdin is left alone. Never for secrets."""
-    blob = base64.b64encode(zlib.compress(vm_program(entry, compressed=False), 9)).decode("ascii")
-    return shlex.join([*python_argv, "-c", ARGV_BOOTSTRAP, blob, *args])
-
-
 @dataclass(frozen=True)
 class CellPayload:
     """The importer program for a notebook cell: zlib + base64 in one line, and the sha256 of the program."""

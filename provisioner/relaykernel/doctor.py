@@ -7,7 +7,7 @@ import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .bundle import OLDEST_PYTHON, vm_command
+from .bundle import OLDEST_PYTHON, vm_program
 from .common.errors import AuthError, ConnectError, ForwardRefused, HostKeyError, RelayKernelError
 from .common.version import __version__, version_mismatch
 from .options import RelayOptions
@@ -16,9 +16,6 @@ from .ssh.chain import SSHChain, describe
 from .ssh.relay_probe import probe_relay_listen
 
 _OLDEST = ".".join(map(str, OLDEST_PYTHON))
-_GPU_CHECK = "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true"
-
-
 @dataclass(frozen=True)
 class Check:
     """One line of the report."""
@@ -72,8 +69,7 @@ def _hop_checks(chain: SSHChain, index: int) -> Iterator[Check]:
 def _vm_checks(chain: SSHChain, options: RelayOptions) -> Iterator[Check]:
     """The VM's python, ipykernel, work dir and cell version, from one run of the probe (relaykernel.vm.probe)."""
     python = shlex.join(options.python_argv())
-    command = vm_command(options.python_argv(), "relaykernel.vm.probe", [options.kernel_workdir(None)])
-    status, out, err = _run(chain, command, options)
+    status, out, err = _run(chain, "relaykernel.vm.probe", [options.kernel_workdir(None)], options)
     report = _last_json(out)
     if report is None:
         fix = f"set --remote-python to the VM's Python {_OLDEST} or newer (e.g. /usr/bin/python3)"
@@ -96,8 +92,7 @@ def _vm_checks(chain: SSHChain, options: RelayOptions) -> Iterator[Check]:
     else:
         yield Check("remote work dir writable", True, str(report["workdir"]))
     yield _cell_check(report.get("cell"))
-    status, out, _ = _run(chain, _GPU_CHECK, options)
-    yield Check("GPU", True, "; ".join(out.strip().splitlines()) or "none visible (nvidia-smi absent or no GPU)")
+    yield Check("GPU", True, str(report.get("gpu") or "none visible (nvidia-smi absent or no GPU)"))
 
 
 def _cell_check(info: dict | None) -> Check:
@@ -119,9 +114,9 @@ def _last_json(text: str) -> dict | None:
     return None
 
 
-def _run(chain: SSHChain, command: str, options: RelayOptions) -> tuple[int, str, str]:
+def _run(chain: SSHChain, entry: str, args: list[str], options: RelayOptions) -> tuple[int, str, str]:
     try:
-        return chain.run(command, options.command_timeout_seconds)
+        return chain.run_program(options.python_argv(), vm_program(entry), args, options.command_timeout_seconds)
     except RelayKernelError as error:
         return 255, "", str(error)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from ..bundle import vm_command
+from ..bundle import vm_program
 from ..common.errors import VM, CheckpointError
 from ..options import RelayOptions
 from ..relayed import build_chain
@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     chain = build_chain(options)
     try:
         chain.connect()
-        command = vm_command(options.python_argv(), "relaykernel.vm.checkpoint", [args.action, args.id])
-        status, stdout, stderr = chain.run(command, options.command_timeout_seconds * 10)
+        status, stdout, stderr = chain.run_program(options.python_argv(), vm_program("relaykernel.vm.checkpoint"),
+                                                   [args.action, args.id], options.command_timeout_seconds * 10)
     finally:
         chain.close()
     try:

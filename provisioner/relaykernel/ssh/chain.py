@@ -96,17 +96,21 @@ class SSHChain:
                 with step(f"SSH to the {self.hop_name(index)} ({describe(self.hops[index])}): connect, keys, auth"):
                     self._transports.append(self._connect_hop(index))
 
-    def run(self, command: str, timeout_seconds: float) -> tuple[int, str, str]:
-        """Run a command on the VM; (exit status, stdout, stderr). Output is small by contract."""
-        channel = self.open_session()
+    def run_program(self, python_argv: Sequence[str], program: bytes, args: Sequence[str],
+                    timeout_seconds: float) -> tuple[int, str, str]:
+        """Run a bundled VM program to its end with ``args`` (never secrets) and no input; (status, stdout, stderr).
+
+        Output is small by contract. The same exec path as every other program (``start_program``).
+        """
+        channel = self.start_program(python_argv, program, args=args)
         try:
             channel.settimeout(timeout_seconds)
-            channel.exec_command(command)
+            channel.shutdown_write()
             stdout = channel.makefile("rb").read().decode(errors="replace")
             stderr = channel.makefile_stderr("rb").read().decode(errors="replace")
             return channel.recv_exit_status(), stdout, stderr
         except (OSError, EOFError, paramiko.SSHException) as error:
-            raise LinkDown(VM, self.vm_label, f"running a command failed: {_reason(error)}", "") from None
+            raise LinkDown(VM, self.vm_label, f"running a program failed: {_reason(error)}", "") from None
         finally:
             channel.close()
 
@@ -151,7 +155,8 @@ class SSHChain:
             self._spare_thread.start()
 
     def start_program(self, python_argv: Sequence[str], program: bytes, first_lines: bytes = b"", *,
-                      window_bytes: int | None = None, spare: bool = False) -> paramiko.Channel:
+                      args: Sequence[str] = (), window_bytes: int | None = None,
+                      spare: bool = False) -> paramiko.Channel:
         """Run a bundled VM program (``relaykernel.bundle``) and send it ``first_lines``: the one way to run code there.
 
         The exec request goes without waiting for its reply, with the program and the first lines right behind it,
@@ -159,7 +164,7 @@ class SSHChain:
         channel closing with status 126/127 and the shell's message on stderr.
         """
         channel = (self._take_spare() if spare else None) or self.open_session(window_bytes)
-        command = shlex.join([*python_argv, "-c", BOOTSTRAP])
+        command = shlex.join([*python_argv, "-c", BOOTSTRAP, *args])  # args: the program's sys.argv[1:]
         try:
             _exec_without_waiting(channel, command)
             channel.sendall(b"%d\n" % len(program) + program + first_lines)

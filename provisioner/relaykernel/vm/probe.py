@@ -1,7 +1,7 @@
 """What doctor asks the VM: this Python, its ipykernel, the work dir's writability and the cell's version.
 
 Sent as a program (``relaykernel.bundle``) with the work dir as its one argument; answers one JSON line
-{"python", "executable", "ipykernel", "debugpy", "workdir", "workdir_error", "cell", "program"} and exits 0.
+{"python", "executable", "ipykernel", "debugpy", "workdir", "workdir_error", "cell", "program", "gpu"} and exits 0.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 from ..common.version import cell_info, read_cell_info
+from .status import gpu_summary
 
 
 def ipykernel_version() -> str | None:
@@ -45,6 +46,7 @@ def report(workdir: str) -> dict:
         "workdir_error": workdir_error(workdir),
         "cell": read_cell_info(),
         "program": cell_info(),
+        "gpu": gpu_summary(),
     }
 
 
