@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -17,6 +16,7 @@ from .relayed import RelayedKernel
 from .sync.attach import sync_hooks
 
 _POLL_INTERVAL_SECONDS = 0.1
+_VM_SIGTERM, _VM_SIGKILL = 15, 9  # Linux's numbers: the signal goes to the VM (this laptop may have no SIGKILL)
 
 
 class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[misc,metaclass]
@@ -107,11 +107,11 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
 
     async def kill(self, restart: bool = False) -> None:
         """Kill the remote kernel (``KernelManager._kill_kernel``)."""
-        await self.send_signal(signal.SIGKILL)
+        await self.send_signal(_VM_SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
         """Ask the remote kernel to terminate (``KernelManager.finish_shutdown``)."""
-        await self.send_signal(signal.SIGTERM)
+        await self.send_signal(_VM_SIGTERM)
 
     async def cleanup(self, restart: bool = False) -> None:
         """Stop the remote kernel; on restart keep the SSH link and the local listeners, else close all."""

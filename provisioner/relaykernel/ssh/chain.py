@@ -169,6 +169,8 @@ class SSHChain:
             _exec_without_waiting(channel, command)
             channel.sendall(b"%d\n" % len(program) + program + first_lines)
         except (paramiko.SSHException, OSError, EOFError) as error:
+            if channel.exit_status_ready():  # the command ended at once (no such python): the caller reads why
+                return channel
             channel.close()
             raise LinkDown(VM, self.vm_label, f"starting a program on the VM failed: {_reason(error)}",
                            "relaykernel reconnects by itself; if this persists, check the VM's tunnel") from None
