@@ -21,8 +21,6 @@ from relaykernel.vm.private import tighten_tree, write_private
 from relaykernel.vm.tunnel import TunnelSupervisor
 
 PACKAGE = Path(__file__).resolve().parent.parent / "provisioner" / "relaykernel"
-# Modules still importing paramiko outside ssh/ while issue 14's exec-path work moves them (remove when done).
-PARAMIKO_PENDING = {"relaykernel.sync.remote"}
 OPTIONAL_ON_THE_VM = {"IPython", "ipykernel"}  # imported inside try/except ImportError, where the notebook has them
 
 
@@ -68,7 +66,7 @@ def test_the_vm_side_imports_only_itself_the_shared_package_and_the_standard_lib
 def test_only_the_ssh_package_imports_paramiko() -> None:
     importers = {name for name, path in modules().items()
                  if any(i.split(".")[0] == "paramiko" for i in imported_modules(path, name))}
-    assert {name for name in importers if not name.startswith("relaykernel.ssh")} <= PARAMIKO_PENDING
+    assert importers and {name for name in importers if not name.startswith("relaykernel.ssh.")} == set()
 
 
 def test_a_kept_key_found_readable_by_others_is_tightened_and_said(tmp_path: Path) -> None:
