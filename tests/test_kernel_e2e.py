@@ -193,3 +193,17 @@ def test_ssh_agent_keys_log_in(topology, tmp_path, ssh_agent_with_the_key):
     km = kernel_manager(tmp_path, relay_config(topology, tmp_path, ssh_config_file=config))
     km.start_kernel()
     km.shutdown_kernel()
+
+
+def test_a_cell_of_another_protocol_is_named_with_both_versions_and_the_fix(topology, tmp_path, caplog):
+    """The VM's cell was set up by another relaykernel: the start says which side to update, in one line."""
+    cell_json = '{"relaykernel": "0.0.9", "protocol": 1}'
+    topology.vm_run(["sh", "-c", f"mkdir -p ~/.relaykernel && printf '%s' '{cell_json}' > ~/.relaykernel/cell.json"])
+    try:
+        km = kernel_manager(tmp_path, relay_config(topology, tmp_path))
+        km.start_kernel()
+        km.shutdown_kernel(now=True)
+    finally:
+        topology.vm_run(["rm", "-f", ".relaykernel/cell.json"])
+    lines = [r.getMessage() for r in caplog.records if "the VM's cell is relaykernel 0.0.9" in r.getMessage()]
+    assert len(lines) == 1 and "the laptop runs relaykernel" in lines[0] and "rerun the cell" in lines[0], lines

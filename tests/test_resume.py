@@ -167,16 +167,22 @@ def test_a_fault_mid_cell_loses_nothing(path: Path_, relay_kernel: Any, fault_na
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["idle", "printing"])
 @pytest.mark.parametrize("outage_seconds", [10.0, 90.0])
 @pytest.mark.parametrize("fault_name", sorted(FAULTS))
-def test_a_long_fault_mid_cell_loses_nothing(path: Path_, relay_kernel: Any, fault_name: str,
-                                             outage_seconds: float) -> None:
+def test_a_long_fault_loses_nothing(path: Path_, relay_kernel: Any, fault_name: str, outage_seconds: float,
+                                    mode: str) -> None:
     km, client = relay_kernel
     execute(client, "before = 'kept'")
     accepted_before = dict(km.provisioner.relayed.link.accepted)
-    outcome = run_through_fault(client, FAULTS[fault_name](path), lines=300, outage_seconds=outage_seconds)
+    if mode == "idle":
+        with FAULTS[fault_name](path):
+            time.sleep(outage_seconds)
+        outcome = CellOutcome(lines=list(range(300)), reply={"status": "ok"}, idle=True, link_back_at=time.monotonic())
+    else:
+        outcome = run_through_fault(client, FAULTS[fault_name](path), lines=300, outage_seconds=outage_seconds)
     seconds = check_whole(km, client, outcome, 300, accepted_before)
-    print(f"{fault_name} {outage_seconds:g} s: next cell {seconds:.2f} s after the link was back")
+    print(f"{fault_name} {outage_seconds:g} s {mode}: next cell {seconds:.2f} s after the link was back")
 
 
 @pytest.mark.parametrize("fault_name", ["laptop-leg-blackhole", "vm-tunnel-restart"])
@@ -271,3 +277,71 @@ def test_a_long_stall_holds_threads_and_fds_to_a_fixed_bound(path: Path_, relay_
     assert max(fds) - min(fds) <= 8, "file descriptors grew during the stall"
     out, reply = execute(client, "print('after')", timeout_seconds=60)
     assert (out.strip(), reply["status"]) == ("after", "ok")
+
+
+def test_a_kernel_restart_during_a_cut_completes_and_the_next_cell_works(path: Path_, relay_kernel: Any) -> None:
+    km, client = relay_kernel
+    execute(client, "x = 1")
+    old_pid = km.provisioner.relayed.info()["remote_pid"]
+    fault = Blackhole(path.emulator)
+    timer = threading.Timer(0.2, fault.start)  # the cut lands while the restart is shutting the old kernel down
+    timer.start()
+    try:
+        threading.Timer(3.2, fault.end).start()
+        km.restart_kernel(now=False)
+    finally:
+        timer.join()
+        fault.end()
+    client.wait_for_ready(timeout=60)
+    out, reply = execute(client, "print('x' in dir())", timeout_seconds=60)
+    assert (out.strip(), reply["status"]) == ("False", "ok"), "a fresh kernel answers after the restart"
+    assert km.provisioner.relayed.info()["remote_pid"] != old_pid
+
+
+def print_cell(lines: int) -> str:
+    return f"import time\nfor i in range({lines}):\n    print(f'line {{i}}', flush=True)\n    time.sleep(0.1)\n"
+
+
+def test_a_fault_through_a_vscode_style_launch_loses_nothing(path: Path_, tmp_path: Path) -> None:
+    from test_vscode import install_for_vscode  # the extension's way, over the emulated link
+    from vscode import VSCodeKernel
+
+    spec_dir = install_for_vscode(tmp_path, relay_config(path.info, tmp_path, lease_seconds=120.0, **FAST_LINK))
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    kernel = VSCodeKernel(spec_dir, runtime_dir=tmp_path / "runtime", notebook_dir=tmp_path / "notebooks",
+                          env={k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"})
+    try:
+        kernel.launch()
+        assert kernel.client is not None
+        execute(kernel.client, "before = 'kept'")
+        outcome = run_through_fault(kernel.client, FAULTS["vm-tunnel-restart"](path), lines=40, outage_seconds=3.0)
+        assert outcome.lines == list(range(40)) and outcome.idle and outcome.reply is not None
+        out, reply = execute(kernel.client, "print(before)", timeout_seconds=60)
+        assert (out.strip(), reply["status"]) == ("kept", "ok")
+    finally:
+        kernel.dispose()
+
+
+def test_a_fault_through_jupyter_servers_websocket_loses_nothing(path: Path_, tmp_path: Path) -> None:
+    from test_clients import Spec, jupyter_server
+
+    spec = Spec(path="provisioner", config=relay_config(path.info, tmp_path, lease_seconds=120.0, **FAST_LINK),
+                home=tmp_path, vm_before=set())
+    spec.install()
+    with jupyter_server(spec) as server:
+        _, kernel_id = server.new_session(spec.name)
+        channels = server.channels(kernel_id)
+        channels.kernel_info()
+        channels.settle()
+        channels.run("before = 'kept'")
+        msg_id = channels.execute(print_cell(40))
+        with FAULTS["laptop-leg-blackhole"](path):
+            time.sleep(3.0)
+        out, reply = channels.collect(msg_id, timeout_seconds=120)
+        assert [int(n) for n in LINE.findall(out)] == list(range(40)), "the browser's view lost or repeated lines"
+        assert reply["status"] == "ok"
+        out, reply = channels.run("print(before)", timeout_seconds=60)
+        assert (out.strip(), reply["status"]) == ("kept", "ok")
+        channels.ws.close()
+        server.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import shlex
 import time
 from collections.abc import Callable
@@ -17,8 +18,11 @@ from typing import Any
 from .bundle import vm_program
 from .common.errors import KERNEL, VM, LinkDown, RemoteLaunchError
 from .common.protocol import PORT_NAMES, PROTOCOL_VERSION, RUN_ROOT
+from .common.version import __version__, version_mismatch
 from .logs import step
 from .ssh.chain import SSHChain
+
+log = logging.getLogger(__name__)
 
 SUPERVISOR = "relaykernel.vm.supervisor.main"
 _NOT_FOUND_STATUSES = {126, 127}
@@ -77,6 +81,9 @@ class RemoteKernel:
             channel.close()
             raise failure
         _check_protocol(self.chain.vm_label, event)
+        mismatch = version_mismatch(__version__, event.get("cell"))
+        if mismatch:
+            log.warning("%s: %s", self.chain.vm_label, mismatch)
         self.started = event
         answer = reader.next_event()
         if answer is None or answer.get("event") != "mux":

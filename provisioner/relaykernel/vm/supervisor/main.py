@@ -13,7 +13,8 @@ First line, the request, one of:
 key, kernel_id, python_argv and lease_seconds are required for launch (the rest default as in LAUNCH_DEFAULTS).
 kernel_arguments are appended to the kernel's argv (never through a shell). Paths expand "~" on the VM.
 
-Launch answers {"event": "started", "pid", "pgid", "ports", "run_dir", "workdir", "protocol"} or
+Launch answers {"event": "started", "pid", "pgid", "ports", "run_dir", "workdir", "protocol", "cell"} (cell: what
+the VM's cell recorded, ~/.relaykernel/cell.json, or null) or
 {"event": "error", "reason", "message"} and exits EXIT_LAUNCH_FAILED. The kernel runs in its own session with
 ports bound on 127.0.0.1; its files live in <run_root>/<kernel_id> (mode 0700).
 
@@ -44,6 +45,7 @@ import subprocess
 import sys
 
 from ...common.protocol import CONTROL_SOCKET, PROTOCOL_VERSION
+from ...common.version import read_cell_info
 from .bridge import bridge
 from .kernel import prepare_workdir, start_kernel, stop_kernel, wait_for_ports, write_connection_file
 from .lines import LinePeer
@@ -127,7 +129,7 @@ def launch(request: dict, leftover: bytes) -> int:
     supervisor = KernelSupervisor(request, kernel, ports, run_dir)
     # start_new_session made the kernel its own group leader: its pgid is its pid.
     emit({"event": "started", "pid": kernel.pid, "pgid": kernel.pid, "ports": ports, "run_dir": run_dir.path,
-          "workdir": workdir, "protocol": PROTOCOL_VERSION})
+          "workdir": workdir, "protocol": PROTOCOL_VERSION, "cell": read_cell_info()})
     return supervisor.run(wakeup_fd, listener, LinePeer("channel", STDIN_FD, STDOUT_FD), leftover)
 
 
