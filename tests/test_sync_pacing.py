@@ -71,7 +71,7 @@ def test_acks_count_across_batches_on_one_receiver(topology, tmp_path):
     remote = RemoteTree(chain, python_argv=[topology.vm_python], root=f"~/{root}", timeout_seconds=10.0)
     local = tmp_path / "p"
     try:
-        remote.listing()  # the receiver is up; from now on only 64 KiB may be in flight
+        remote.listing()  # the receiver is up; from now on only FLOOR_BYTES may be in flight
         remote.pacer = PinnedPacer()
         for index in range(3):
             write(local, f"b{index}.bin", os.urandom(300_000))

@@ -6,7 +6,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-FLOOR_BYTES = 64 << 10
+FLOOR_BYTES = 16 << 10  # 64 KiB would already be half a second of queue at 1 Mbit/s
 QUEUE_SECONDS = 0.05
 _RATE_WINDOW_SECONDS = 1.0
 _MIN_RTT_WINDOW_SECONDS = 10.0
@@ -33,7 +33,9 @@ class AckPacer:
         self.sent = 0
         self.acked = 0
         self._acked_at = clock()
-        self._flight: deque[tuple[int, float, int, float]] = deque()  # end offset, sent at, acked then, its time
+        # end offset, sent at, bytes acked then, when that ack came, when the acked frame was sent
+        self._flight: deque[tuple[int, float, int, float, float]] = deque()
+        self._acked_sent_at = self._acked_at
         self._rates: deque[tuple[float, float]] = deque()  # (at, bytes per second)
         self._min_rtt: tuple[float, float] | None = None  # (seconds, measured at)
         self._recent_rtts: deque[tuple[float, float]] = deque()  # (at, seconds) over about the last round trip
@@ -65,9 +67,9 @@ class AckPacer:
     def on_send(self, count: int) -> None:
         now = self._clock()
         if self.sent == self.acked:
-            self._acked_at = now  # idle until now: the next rate sample starts here, not at the last ack
+            self._acked_at = self._acked_sent_at = now  # idle until now: the next rate sample starts here
         self.sent += count
-        self._flight.append((self.sent, now, self.acked, self._acked_at))
+        self._flight.append((self.sent, now, self.acked, self._acked_at, self._acked_sent_at))
 
     def on_ack(self, total: int) -> None:
         now = self._clock()
@@ -78,7 +80,8 @@ class AckPacer:
         self._acked_at = now
         if sample is None:
             return
-        _, sent_at, acked_then, acked_then_at = sample
+        _, sent_at, acked_then, acked_then_at, acked_sent_at = sample
+        self._acked_sent_at = sent_at
         rtt = now - sent_at
         if self._min_rtt is None or rtt <= self._min_rtt[0] or now - self._min_rtt[1] > _MIN_RTT_WINDOW_SECONDS:
             self._min_rtt = (rtt, now)
@@ -87,11 +90,11 @@ class AckPacer:
             self._recent_rtts.popleft()
         if min(seconds for _, seconds in self._recent_rtts) > self._min_rtt[0] + self.queue_seconds / 2:
             self.starting = False  # a queue: the link is full
-        elapsed = max(now - acked_then_at, rtt, 1e-6)
+        elapsed = max(now - acked_then_at, sent_at - acked_sent_at, 1e-6)  # acks in a burst overstate nothing
         self._rates.append((now, (total - acked_then) / elapsed))
         while self._rates and now - self._rates[0][0] > _RATE_WINDOW_SECONDS and len(self._rates) > 1:
             self._rates.popleft()
 
     def frame_bytes(self) -> int:
-        """A frame size that gives several acks per round trip: a quarter of the limit, 16 KiB to 1 MiB."""
-        return min(1 << 20, max(16 << 10, self.limit() // 4))
+        """A frame size that gives several acks per round trip: a quarter of the limit, 4 KiB to 1 MiB."""
+        return min(1 << 20, max(4 << 10, self.limit() // 4))

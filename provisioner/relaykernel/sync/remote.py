@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from .stream import FrameWriter, send_tar
 
 _READ_BYTES = 1 << 20
 PULL_WINDOW_BYTES = 256 << 10  # output pulls: a small window, so a big download never crowds out kernel replies
+_PACK_ABOVE_BYTES = 4096
 _CUT = (OSError, EOFError, tarfile.TarError, ValueError)  # paramiko reports a cut channel as OSError
 
 
@@ -55,10 +57,19 @@ def start_receiver(chain: SSHChain, python_argv: Sequence[str], first_line: dict
     """The receiver running on the VM with ``first_line`` sent: the one place the sync starts a VM program."""
     if not chain.is_active():
         chain.connect()  # rebuilds only what a cut broke; raises a HopError while the VM stays away
-    channel = chain.start_program(python_argv, receiver_script(), json.dumps(first_line).encode() + b"\n",
+    channel = chain.start_program(python_argv, receiver_script(), json_line(first_line),
                                   window_bytes=window_bytes)
     channel.settimeout(timeout_seconds)
     return channel
+
+
+def json_line(message: dict[str, Any]) -> bytes:
+    """A request as the receiver reads it: one JSON line, or zlib-packed when big (a first sync's sizes, hashes)."""
+    text = json.dumps(message, separators=(",", ":")).encode()
+    if len(text) < _PACK_ABOVE_BYTES:
+        return text + b"\n"
+    packed = zlib.compress(text, 6)
+    return b"Z%d\n" % len(packed) + packed
 
 
 class _Lines:
@@ -138,10 +149,10 @@ class RemoteTree:
         with self._lock:
             channel, lines = self._session()
             try:
-                channel.sendall(json.dumps(request).encode() + b"\n")
+                channel.sendall(json_line(request))
                 writer = FrameWriter(channel, self.pacer, lambda block: self._ack(lines, block=block), on_bytes)
                 hashes = send_tar(writer, local_root, batch.files)
-                channel.sendall(json.dumps({"hashes": hashes}).encode() + b"\n")
+                channel.sendall(json_line({"hashes": hashes}))
                 event = self._reply(lines)
                 event["hashes"] = hashes
                 return event
@@ -178,7 +189,7 @@ class RemoteTree:
         with self._lock:
             channel, lines = self._session()
             try:
-                channel.sendall(json.dumps({**request, "root": self.root}).encode() + b"\n")
+                channel.sendall(json_line({**request, "root": self.root}))
                 event = self._reply(lines)
             except _CUT as error:
                 raise self._cut(doing, error) from None

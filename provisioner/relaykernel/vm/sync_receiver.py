@@ -9,7 +9,7 @@ answered in order on stdout:
   {"op": "hash", "root": DIR, "paths": [path, ...]} -> {"event": "hashes", "hashes": {path: sha256}}
   {"op": "apply", "root": DIR, "source": ID, "mtimes": {path: mtime_ns}, "moves": [[from, to], ...],
    "delete": [path, ...], "adopt": {path: [mtime_ns, sha256]}}
-      then frames ``<n>\\n<n bytes>`` of one tar stream, ``0\\n``, and a JSON line {"hashes": {path: sha256}};
+      then frames of one tar stream (see Frames), ``0\\n``, and a JSON line {"hashes": {path: sha256}};
       -> {"event": "ack", "bytes": n} after every frame (n: frame bytes read since this process started), then
          {"event": "applied", "written": n, "moved": n, "deleted": n, "missing": [to, ...], "errors": [text, ...]}
   {"op": "pack", "root": DIR, "paths": [path, ...]}
@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import zlib
 
 from .sync_files import (
     CHUNK,
@@ -77,31 +78,37 @@ class Manifest:
 
 
 class Frames:
-    """The tar stream as ``<n>\\n<bytes>`` frames on stdin, acknowledged as read, ended by ``0\\n``."""
+    """The tar stream as frames on stdin, acknowledged as read: ``<n>\\n<n bytes>``, or ``z<n>\\n<n bytes>`` for a
+    piece of one zlib stream (the sender compresses on a slow link), ended by ``0\\n``."""
 
     received = 0  # every frame byte this process has read: acks count from its start, across batches
 
     def __init__(self, stream):
-        self.stream, self.left, self.total, self.done = stream, 0, Frames.received, False
+        self.stream, self.done, self.pending = stream, False, b""
+        self.unzip = zlib.decompressobj()
 
     def read(self, n=-1):
-        while self.left == 0 and not self.done:
-            line = self.stream.readline()
-            if not line:
-                raise EOFError("the sender went away mid-batch")
-            self.left = int(line)
-            self.done = self.left == 0
-        if self.done:
-            return b""
-        data = self.stream.read(self.left if n < 0 else min(n, self.left))
-        if not data:
-            raise EOFError("the sender went away mid-batch")
-        self.left -= len(data)
-        self.total += len(data)
-        Frames.received = self.total
-        if self.left == 0:
-            reply({"event": "ack", "bytes": self.total})
+        while not self.pending and not self.done:
+            self.pending = self.next_frame()
+        size = len(self.pending) if n < 0 else min(n, len(self.pending))
+        data, self.pending = self.pending[:size], self.pending[size:]
         return data
+
+    def next_frame(self):
+        line = self.stream.readline()
+        if not line:
+            raise EOFError("the sender went away mid-batch")
+        packed = line.startswith(b"z")
+        size = int(line[1:] if packed else line)
+        if size == 0:
+            self.done = True
+            return b""
+        data = self.stream.read(size)
+        if len(data) != size:
+            raise EOFError("the sender went away mid-batch")
+        Frames.received += size
+        reply({"event": "ack", "bytes": Frames.received})
+        return self.unzip.decompress(data) if packed else data
 
     def drain(self):
         while self.read(CHUNK):
@@ -122,7 +129,7 @@ def apply(root, manifest, request, stream):
         placed = extract_in_python(root, frames, errors, checked)
     try:
         frames.drain()
-        hashes = json.loads(stream.readline()).get("hashes", {})
+        hashes = (read_json(stream) or {}).get("hashes", {})
         written = place(root, manifest, placed, mtimes, hashes, source, errors)
     finally:
         placed.cleanup()
@@ -222,13 +229,22 @@ def serve(request, stream, manifests):
         reply({"event": "error", "text": f"unknown op {op!r}"})
 
 
+def read_json(stream):
+    """One JSON line, or ``Z<n>\\n`` and n bytes of zlib-packed JSON (a big request); None at the end of input."""
+    line = stream.readline()
+    if not line.strip():
+        return None
+    if line.startswith(b"Z"):
+        return json.loads(zlib.decompress(stream.read(int(line[1:]))))
+    return json.loads(line)
+
+
 def main():
     stream, manifests = sys.stdin.buffer, {}
     while True:
-        line = stream.readline()
-        if not line.strip():
+        request = read_json(stream)
+        if request is None:
             return 0
-        request = json.loads(line)
         if request.get("op") == "pack":
             root = os.path.realpath(os.path.expanduser(request["root"]))
             pack(root, request.get("paths", []), sys.stdout.buffer)
