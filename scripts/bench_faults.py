@@ -98,6 +98,7 @@ class Outcome:
     laptop_connections_opened: int = 0
     client_reconnects: int | None = None
     bytes_replayed: int | None = None
+    peak_laptop_buffer_kib: float | None = None
     peak_client_rss_mib: float | None = None
     peak_supervisor_rss_mib: float | None = None
     error: str = ""
@@ -114,6 +115,13 @@ def rss_mib(pid: int | None) -> float | None:
     return None
 
 
+def laptop_buffer(run: RelayKernelRun) -> Callable[[], int] | None:
+    """Hook: what the laptop side holds for replay now (the stream link's buffered bytes), if it says."""
+    assert run.km is not None
+    link = getattr(getattr(run.km.provisioner, "relayed", None), "link", None)
+    return getattr(link, "buffered_bytes", None)
+
+
 def buffer_holder_on_vm(run: RelayKernelRun) -> int | None:
     """Hook: the VM process that would hold the replay buffer; today the kernel's parent, the supervisor."""
     assert run.km is not None
@@ -127,8 +135,11 @@ class Watch(logging.Handler):
     """Peak RSS of the client and the VM's supervisor and the client's connections to the kernel's local ports
     (sampled every 0.2 s), and the replays the data plane logs."""
 
-    def __init__(self, supervisor: int | None, kernel_ports: set[int]) -> None:
+    def __init__(self, supervisor: int | None, kernel_ports: set[int],
+                 buffered: Callable[[], int] | None) -> None:
         super().__init__(logging.INFO)
+        self.buffered = buffered
+        self.peak_buffered: int | None = None
         self.pids = {"client": os.getpid(), "supervisor": supervisor}
         self.kernel_ports = kernel_ports
         self.first_connections = self._client_connections()
@@ -169,6 +180,8 @@ class Watch(logging.Handler):
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
             self.connections |= self._client_connections()
+            if self.buffered is not None:
+                self.peak_buffered = max(self.peak_buffered or 0, self.buffered())
             for name, pid in self.pids.items():
                 now, peak = rss_mib(pid), self.peaks[name]
                 if now is not None and (peak is None or now > peak):
@@ -279,8 +292,9 @@ def run_scenario(spec: FaultSpec, mode: str, args: argparse.Namespace) -> Outcom
         if answer_of(run.client, run.client.execute("x = 41; x"), 30) != ("ok", "41"):
             raise RuntimeError("the kernel did not answer before the fault")
         accepted = link.stats()["accepted"]
-        ports = {int(run.km.get_connection_info()[name]) for name in PORT_NAMES}
-        with Watch(buffer_holder_on_vm(run), ports) as watch:
+        # jupyter_client's heartbeat channel makes a new socket after every missed beat, by design: not counted
+        ports = {int(run.km.get_connection_info()[name]) for name in PORT_NAMES if name != "hb_port"}
+        with Watch(buffer_holder_on_vm(run), ports, laptop_buffer(run)) as watch:
             clock = FaultClock(spec.make(sandbox, link), FAULT_AFTER_SECONDS if mode == "printing" else 0, held)
             msg_id = run.client.execute(PRINT_CELL) if mode == "printing" else ""
             clock.thread.start()
@@ -294,6 +308,8 @@ def run_scenario(spec: FaultSpec, mode: str, args: argparse.Namespace) -> Outcom
         outcome.laptop_connections_opened = link.stats()["accepted"] - accepted
         outcome.bytes_replayed = watch.replayed
         outcome.client_reconnects = watch.reconnects
+        if watch.peak_buffered is not None:
+            outcome.peak_laptop_buffer_kib = watch.peak_buffered / 1024
         outcome.peak_client_rss_mib, outcome.peak_supervisor_rss_mib = watch.peaks["client"], watch.peaks["supervisor"]
     return outcome
 
@@ -314,15 +330,17 @@ COLUMNS = [("held_s", "held s"), ("lines_lost", "lost"), ("lines_repeated_or_out
            ("back_to_working_cell_s", "back→cell s"), ("probes_unanswered", "unanswered"),
            ("variable_kept", "x kept"), ("kernel_alive", "alive"),
            ("laptop_connections_opened", "conns"), ("client_reconnects", "reconnects"), ("bytes_replayed", "replayed"),
-           ("peak_client_rss_mib", "client MiB"), ("peak_supervisor_rss_mib", "VM sup MiB")]
+           ("peak_laptop_buffer_kib", "buffer KiB"), ("peak_client_rss_mib", "client MiB"),
+           ("peak_supervisor_rss_mib", "VM sup MiB")]
 
 
 LEGEND = [
     "back→out: link back → the printing cell's next output. back→cell: link back → a new cell answers in full (for",
     "'printing', once that cell ended or went quiet); probe cells go every 2 s, unanswered: those that never did.",
     "conns: laptop-leg connections opened after the fault. reconnects: connections the client opened to the kernel's",
-    "local ports (0: the client saw no cut). replayed: bytes the data plane logged as replayed ('—': none logged).",
-    "MiB: peak RSS while the fault held and after.",
+    "local ports but heartbeat's (0: the client saw no cut). replayed: bytes the data plane logged as replayed",
+    "('—': none logged). buffer KiB: peak the laptop's stream link held for replay; MiB: peak RSS of the client",
+    "process and of the VM's supervisor while the fault held and after.",
 ]
 
 
@@ -352,6 +370,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the laptop↔relay link (bench_kernel's profiles)")
     parser.add_argument("--lease-seconds", type=float, default=600.0, help="the kernel's lease (the default's)")
     parser.add_argument("--json", type=Path, help="also write the outcomes to this file")
+    parser.add_argument("--log", action="store_true", help="relaykernel's log (INFO) on stderr, for what went wrong")
     args = parser.parse_args(argv)
     known = {spec.name for spec in FAULTS}
     args.faults = [name.strip() for name in args.faults.split(",") if name.strip()]
@@ -364,6 +383,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_benchmark(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.environ.pop("SSH_AUTH_SOCK", None)
+    if args.log:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     outcomes = []
     try:
         for spec in (spec for spec in FAULTS if spec.name in args.faults):
