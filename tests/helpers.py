@@ -9,7 +9,7 @@ import queue
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,22 @@ def kernel_manager(directory: Path, config: dict[str, Any], name: str = "relayte
     """A KernelManager for the relay kernelspec (not started)."""
     ksm = install_spec(directory, config, name)
     return KernelManager(kernel_name=name, kernel_spec_manager=ksm)
+
+
+@contextlib.contextmanager
+def running_kernel(directory: Path, config: dict[str, Any], *, now: bool = False) -> Iterator[tuple[Any, Any]]:
+    """A started relay kernel and its ready client (km, client); channels stopped and the kernel shut down after."""
+    km = kernel_manager(directory, config)
+    km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=30)
+        yield km, client
+    finally:
+        client.stop_channels()
+        if km.has_kernel:
+            km.shutdown_kernel(now=now)
 
 
 def vm_pids(topology: Any, pattern: str) -> list[int]:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from helpers import execute, kernel_manager, relay_config, wait_until
+from helpers import execute, relay_config, running_kernel, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 
@@ -31,15 +31,8 @@ def fast_kernel(own_topology, tmp_path):
         own_topology.info, tmp_path, liveness_interval_seconds=0.5, command_timeout_seconds=3.0,
         reconnect_max_backoff_seconds=1.0, lease_seconds=60.0,
     )
-    km = kernel_manager(tmp_path, config)
-    km.start_kernel()
-    client = km.client()
-    client.start_channels()
-    client.wait_for_ready(timeout=30)
-    yield km, client
-    client.stop_channels()
-    if km.has_kernel:
-        km.shutdown_kernel()
+    with running_kernel(tmp_path, config) as started:
+        yield started
 
 
 def test_a_tunnel_cut_kills_nothing_and_the_same_kernel_answers_after(own_topology, fast_kernel):

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from faults import Blackhole, Fault, RelayDown, TunnelDown, hang_vm_bridge
-from helpers import execute, kernel_manager, relay_config, vm_pids, wait_until
+from helpers import execute, kernel_manager, relay_config, running_kernel, vm_pids, wait_until
 from linkemu import LinkEmulator, through_link
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
@@ -130,16 +130,9 @@ def run_through_fault(client: Any, fault: Fault, *, lines: int, outage_seconds: 
 
 @pytest.fixture
 def relay_kernel(path: Path_, tmp_path: Path) -> Iterator[Any]:
-    config = relay_config(path.info, tmp_path, lease_seconds=120.0, **FAST_LINK)
-    km = kernel_manager(tmp_path, config)
-    km.start_kernel()
-    client = km.client()
-    client.start_channels()
-    client.wait_for_ready(timeout=30)
-    yield km, client
-    client.stop_channels()
-    if km.has_kernel:
-        km.shutdown_kernel(now=True)
+    with running_kernel(tmp_path, relay_config(path.info, tmp_path, lease_seconds=120.0, **FAST_LINK),
+                        now=True) as started:
+        yield started
 
 
 def check_whole(km: Any, client: Any, outcome: CellOutcome, lines: int, accepted_before: dict[str, int]) -> float:
@@ -230,12 +223,7 @@ def test_an_outage_longer_than_the_lease_ends_plainly(path: Path_, tmp_path: Pat
 def test_output_during_a_cut_stays_within_the_buffer_limit(path: Path_, tmp_path: Path) -> None:
     limit_mb = 4.0
     config = relay_config(path.info, tmp_path, lease_seconds=60.0, stream_buffer_mb=limit_mb, **FAST_LINK)
-    km = kernel_manager(tmp_path, config)
-    km.start_kernel()
-    client = km.client()
-    client.start_channels()
-    try:
-        client.wait_for_ready(timeout=30)
+    with running_kernel(tmp_path, config, now=True) as (km, client):
         relayed = km.provisioner.relayed
         code = "import sys, time\nend = time.time() + 6\nwhile time.time() < end:\n    print('x' * 1000)\n"
         msg_id = client.execute(code)
@@ -243,10 +231,12 @@ def test_output_during_a_cut_stays_within_the_buffer_limit(path: Path_, tmp_path
             time.sleep(1.0)
             for _ in range(3):
                 time.sleep(1.0)
-                assert relayed.link.buffered_bytes() <= limit_mb * 1e6 + 2**20
+                held = relayed.link.buffered_bytes()
+                assert held <= limit_mb * 1e6 + 2**20, f"the laptop holds {held} bytes"
         # the VM side reports what it held: within the limit (plus one read)
         status = relayed.link.request({"op": "status"}, {"status"}, 30)
-        assert status is not None and status["buffered_bytes"] <= limit_mb * 1e6 + 2**20
+        assert status is not None, "no status from the VM within 30 s of the link coming back"
+        assert status["buffered_bytes"] <= limit_mb * 1e6 + 2**20, f"the VM holds {status['buffered_bytes']} bytes"
         idle = False
         deadline = time.monotonic() + 120
         while not idle and time.monotonic() < deadline:
@@ -257,18 +247,17 @@ def test_output_during_a_cut_stays_within_the_buffer_limit(path: Path_, tmp_path
         assert idle, "the stream stayed consistent: the cell's idle arrived after the cut"
         out, reply = execute(client, "print(1 + 1)")
         assert (out.strip(), reply["status"]) == ("2", "ok")
-    finally:
-        client.stop_channels()
-        km.shutdown_kernel(now=True)
 
 
-def test_a_long_stall_holds_threads_and_fds_to_a_fixed_bound(path: Path_, relay_kernel: Any) -> None:
+@pytest.mark.parametrize("stall_seconds", [12, pytest.param(60, marks=pytest.mark.slow)])
+def test_a_long_stall_holds_threads_and_fds_to_a_fixed_bound(path: Path_, relay_kernel: Any,
+                                                              stall_seconds: int) -> None:
     """Clients that retry during a stall (the heartbeat re-makes its socket each late beat) pile nothing up."""
     km, client = relay_kernel
     assert client.hb_channel.is_alive()
     samples: list[tuple[int, int]] = []
     with Blackhole(path.emulator):
-        for _ in range(24):  # 12 s of stall; `-m slow` covers the 60 s of the issue in test_a_long_fault...
+        for _ in range(stall_seconds * 2):
             samples.append((threading.active_count(), len(os.listdir("/proc/self/fd"))))
             time.sleep(0.5)
     threads, fds = zip(*samples)
