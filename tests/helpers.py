@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -112,10 +113,19 @@ def running_kernel(directory: Path, config: dict[str, Any], *, now: bool = False
 
 
 def vm_pids(topology: Any, pattern: str) -> list[int]:
-    """Processes on the VM whose command line contains ``pattern`` (never the pgrep command itself)."""
+    """Processes on this topology's VM whose command line contains ``pattern`` (never the pgrep command itself).
+
+    pgrep sees every process of the machine; where the VM has a network namespace only its processes count, so
+    other topologies on the same machine (and their VM user, the same account) never look like ours.
+    """
     regex = f"[{pattern[0]}]{pattern[1:]}"  # a bracket keeps pgrep's own wrappers (runuser, ip netns) from matching
-    result = topology.vm_run(["pgrep", "-f", regex])
-    return [int(pid) for pid in result.stdout.split()]
+    found = [int(pid) for pid in topology.vm_run(["pgrep", "-f", regex]).stdout.split()]
+    netns = getattr(topology, "netns", None)
+    if not netns:
+        return found
+    listing = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=10, check=False)
+    ours = {int(pid) for pid in listing.stdout.split()}
+    return [pid for pid in found if pid in ours]
 
 
 def wait_until(predicate: Callable[[], Any], timeout_seconds: float, interval_seconds: float = 0.1) -> Any:

@@ -142,6 +142,8 @@ def test_the_argv_launch_path_runs_interrupts_and_stops_on_sigterm(topology, tmp
         client.stop_channels()
         launcher.kill()
         launcher.wait()
+        errors = launcher.stderr.read()
         launcher.stderr.close()
     assert not any(port_accepts(port) for port in ports.values())
-    assert wait_until(lambda: not vm_pids(topology, ".relaykernel/run/"), 10), "kernel left on the VM"
+    assert wait_until(lambda: not vm_pids(topology, ".relaykernel/run/"), 10), (
+        f"kernel left on the VM: {topology.vm_run(['pgrep', '-af', '[.]relaykernel']).stdout} {errors}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -198,12 +199,15 @@ def test_ssh_agent_keys_log_in(topology, tmp_path, ssh_agent_with_the_key):
 def test_a_cell_of_another_protocol_is_named_with_both_versions_and_the_fix(topology, tmp_path, caplog):
     """The VM's cell was set up by another relaykernel: the start says which side to update, in one line."""
     cell_json = '{"relaykernel": "0.0.9", "protocol": 1}'
+    saved = topology.vm_run(["cat", ".relaykernel/cell.json"])  # the VM user's real one, if a cell test wrote it
     topology.vm_run(["sh", "-c", f"mkdir -p ~/.relaykernel && printf '%s' '{cell_json}' > ~/.relaykernel/cell.json"])
     try:
         km = kernel_manager(tmp_path, relay_config(topology, tmp_path))
         km.start_kernel()
         km.shutdown_kernel(now=True)
     finally:
-        topology.vm_run(["rm", "-f", ".relaykernel/cell.json"])
+        restore = f"printf '%s' {shlex.quote(saved.stdout)} > ~/.relaykernel/cell.json" if saved.returncode == 0 else \
+            "rm -f ~/.relaykernel/cell.json"
+        topology.vm_run(["sh", "-c", restore])
     lines = [r.getMessage() for r in caplog.records if "the VM's cell is relaykernel 0.0.9" in r.getMessage()]
     assert len(lines) == 1 and "the laptop runs relaykernel" in lines[0] and "rerun the cell" in lines[0], lines
