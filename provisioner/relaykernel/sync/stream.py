@@ -15,6 +15,7 @@ from .pacing import AckPacer
 
 _READ_BYTES = 1 << 20
 COMPRESS_BELOW_BYTES_PER_SECOND = 8e6  # zlib at level 1 packs several times faster than this on any laptop
+_RAW_AFTER_INCOMPRESSIBLE = 16  # frames sent as they are after one that did not shrink by a tenth
 
 
 class FrameWriter:
@@ -22,7 +23,8 @@ class FrameWriter:
 
     ``acks(block)`` reads the receiver's acks into the pacer (waiting for one when ``block``). Below
     COMPRESS_BELOW_BYTES_PER_SECOND (and before the rate is known) a frame is a piece of one zlib stream: on a slow
-    link a tar's headers and padding, and any text, cost time the CPU does not.
+    link a tar's headers and padding, and any text, cost time the CPU does not. Data that does not shrink (already
+    compressed, random) goes as it is, or the CPU would become the bottleneck.
     """
 
     def __init__(self, channel: Any, pacer: AckPacer, acks: Callable[[bool], None],
@@ -33,6 +35,7 @@ class FrameWriter:
         self._on_bytes = on_bytes
         self._buffer = bytearray()
         self._zip = zlib.compressobj(1)
+        self._raw_frames = 0
 
     def write(self, data: bytes) -> int:
         self._buffer += data
@@ -51,10 +54,13 @@ class FrameWriter:
 
     def _frame(self, chunk: bytes) -> None:
         self._acks(False)
-        if self._pacer.rate_bytes_per_second < COMPRESS_BELOW_BYTES_PER_SECOND:
-            chunk = self._zip.compress(chunk) + self._zip.flush(zlib.Z_SYNC_FLUSH)
-            header = b"z%d\n" % len(chunk)
+        if self._raw_frames == 0 and self._pacer.rate_bytes_per_second < COMPRESS_BELOW_BYTES_PER_SECOND:
+            packed = self._zip.compress(chunk) + self._zip.flush(zlib.Z_SYNC_FLUSH)
+            if len(packed) > 0.9 * len(chunk):
+                self._raw_frames = _RAW_AFTER_INCOMPRESSIBLE  # already packed data: spare the CPU for a while
+            chunk, header = packed, b"z%d\n" % len(packed)
         else:
+            self._raw_frames = max(0, self._raw_frames - 1)
             header = b"%d\n" % len(chunk)
         while self._pacer.in_flight and self._pacer.room() < len(chunk):
             self._acks(True)
