@@ -20,6 +20,7 @@ from helpers import (
     execute,
     kernel_manager,
     relay_config,
+    running_kernel,
     wait_until,
     write_ssh_config,
 )
@@ -261,17 +262,9 @@ def test_outputs_come_back_and_a_local_edit_is_never_overwritten(topology, remot
 
 
 def test_a_kernel_s_outputs_are_here_after_it_shuts_down(topology, tmp_path, local):
-    km = kernel_manager(tmp_path, relay_config(topology, tmp_path, sync_local_dir=str(local)))
-    km.start_kernel()
-    client = km.client()
-    client.start_channels()
-    try:
-        client.wait_for_ready(timeout=30)
+    with running_kernel(tmp_path, relay_config(topology, tmp_path, sync_local_dir=str(local))) as (_, client):
         execute(client, "import os; os.makedirs('outputs', exist_ok=True); open('outputs/result.txt', 'w')"
                         ".write('trained')")
-    finally:
-        client.stop_channels()
-        km.shutdown_kernel()
     assert (local / "outputs/result.txt").read_text() == "trained"
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import execute, kernel_manager, relay_config
+from helpers import execute, relay_config, running_kernel
 from linkemu import LinkEmulator, through_link
 from relaykernel.options import RelayOptions
 from relaykernel.relayed import build_chain
@@ -90,12 +90,7 @@ def test_the_kernel_answers_while_a_big_save_uploads_over_a_slow_link(topology, 
         laptop = through_link(topology, emulator, tmp_path / "laptop")
         local = tmp_path / "project"
         local.mkdir()
-        km = kernel_manager(tmp_path, relay_config(laptop, tmp_path, sync_local_dir=str(local)))
-        km.start_kernel()
-        client = km.client()
-        client.start_channels()
-        try:
-            client.wait_for_ready(timeout=60)
+        with running_kernel(tmp_path, relay_config(laptop, tmp_path, sync_local_dir=str(local))) as (km, client):
             mirror = km.provisioner.relayed.hooks[0].mirror
             assert mirror.ready.wait(60), "live sync never started"
             data = os.urandom(4_000_000)
@@ -111,6 +106,3 @@ def test_the_kernel_answers_while_a_big_save_uploads_over_a_slow_link(topology, 
             assert not km.provisioner.relayed.keeper.is_down, "a busy link must not be declared down"
             code = "import hashlib; print(hashlib.sha256(open('big.bin', 'rb').read()).hexdigest())"
             assert execute(client, code)[0].strip() == hashlib.sha256(data).hexdigest()
-        finally:
-            client.stop_channels()
-            km.shutdown_kernel()
