@@ -27,7 +27,9 @@ pytestmark = [pytest.mark.usefixtures("no_ssh_agent"), pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="the cell tests build a network namespace: root only")]
 UP_SECONDS = 20.0
 # What `relaykernel cell` writes into every cell when no config, kernelspec or flag says otherwise.
-CELL_DEFAULTS = {"heartbeat_seconds": 60.0, "checkpoint_paths": ["outputs/**", "checkpoints/**"],
+# Kernels run in one folder per laptop project under the platform's work dir: the checkpoints reach into each.
+CELL_DEFAULTS = {"heartbeat_seconds": 60.0, "checkpoint_paths": ["outputs/**", "checkpoints/**", "*/outputs/**",
+                                                                 "*/checkpoints/**"],
                  "checkpoint_interval_seconds": 300.0, "restore_on_start": True}
 MARKER = "RELAYKERNEL_NOTEBOOK_MARKER"
 

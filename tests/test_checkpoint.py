@@ -56,6 +56,18 @@ def test_only_outputs_are_kept_and_unchanged_files_are_not_copied_again(work, tm
     assert len(saver.manifests()) == 2 and saver.latest().id == third.id, "an unchanged checkpoint is not written"
 
 
+def test_per_project_folders_are_checkpointed_each_with_its_outputs(tmp_path):
+    """Kernels run in BASE/NAME-HASH (one folder per laptop project): the cell's patterns reach into each."""
+    (tmp_path / "drive").mkdir()
+    base = tmp_path / "relaykernel"
+    write(base, "projA-1a2b3c4d/outputs/a.txt", "A")
+    write(base, "projB-5e6f7a8b/outputs/deep/b.txt", "B")
+    write(base, "projB-5e6f7a8b/data/raw.csv", "not an output")
+    saver = Checkpointer(workdir=base, storage=tmp_path / "drive" / "work",
+                         patterns=["outputs/**", "checkpoints/**", "*/outputs/**", "*/checkpoints/**"])
+    assert sorted(saver.checkpoint().files) == ["projA-1a2b3c4d/outputs/a.txt", "projB-5e6f7a8b/outputs/deep/b.txt"]
+
+
 def test_a_fresh_vm_gets_the_outputs_back_but_never_over_newer_files(work, tmp_path):
     storage = tmp_path / "drive" / "project"
     Checkpointer(workdir=work, storage=storage).checkpoint()

@@ -135,7 +135,7 @@ def test_install_from_a_stock_spec_with_another_host_renames_it(tmp_path):
     assert main([*args, str(tmp_path)]) == 0
     installed = json.loads((tmp_path / "share/jupyter/kernels/colab2/kernel.json").read_text())
     assert installed["display_name"] == "Python on colab2 (relaykernel)"
-    assert installed["metadata"]["kernel_provisioner"]["config"]["remote_workdir"] == "/content/relaykernel"
+    assert installed["metadata"]["kernel_provisioner"]["config"]["remote_workdir_base"] == "/content/relaykernel"
 
 
 def test_install_never_shadows_another_kernel(tmp_path):

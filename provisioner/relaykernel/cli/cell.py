@@ -127,8 +127,13 @@ def _kernel_side_settings(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("heartbeat_seconds", "checkpoint_paths", "checkpoint_interval_seconds", "restore_on_start"):
         value = getattr(options, name)
         chosen[name] = list(value) if isinstance(value, list) else value
-    if "remote_workdir" in options.sources:  # else the platform's own default work dir
+    if "remote_workdir" in options.sources and options.remote_workdir:  # one folder for every kernel
         chosen["workdir"] = options.remote_workdir
+    else:  # one folder per project under the base: checkpoints reach into each of them
+        if "remote_workdir_base" in options.sources:
+            chosen["workdir"] = options.remote_workdir_base
+        paths = chosen["checkpoint_paths"]
+        chosen["checkpoint_paths"] = [*paths, *(f"*/{path}" for path in paths if not path.startswith("*/"))]
     if args.project:
         chosen["project"] = args.project
     return chosen

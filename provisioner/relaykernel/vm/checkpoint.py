@@ -300,9 +300,10 @@ def _files_below(root: Path) -> Iterator[str]:
 
 
 def _matches(path: str, pattern: str) -> bool:
-    """'outputs/**' is everything below outputs; other patterns are fnmatch globs on the relative path."""
+    """'outputs/**' is everything below outputs ('*/outputs/**': below each project's outputs); other patterns are
+    fnmatch globs on the relative path."""
     if pattern.endswith("/**"):
-        return path.startswith(pattern[:-2])
+        return fnmatch.fnmatchcase(path, pattern[:-2] + "*")
     return fnmatch.fnmatchcase(path, pattern)
 
 
