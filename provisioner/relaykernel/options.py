@@ -133,7 +133,8 @@ class RelayOptions(LoggingConfigurable):
     ).tag(config=True)
 
     reconnect_max_backoff_seconds = Float(
-        10.0, help="Upper bound of the wait between reconnect attempts while the link is down."
+        2.0, help="Upper bound of the wait between reconnect attempts while the link is down (an attempt costs one "
+        "connection to the relay; a longer wait delays the first cell after the link is back by as much)."
     ).tag(config=True)
 
     shutdown_wait_seconds = Float(
