@@ -308,6 +308,22 @@ class StreamLink:
                 self._write_client(client)
         return write
 
+    def _send_client(self, client: _Client, data: bytes) -> None:
+        """Straight to the client's socket; only what it does not take now waits in its buffer (no extra copy)."""
+        try:
+            written = client.sock.send(data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            if self._mux is not None and client.stream is not None:
+                self._mux.close(client.stream)
+            self._close_client(client)
+            return
+        if written < len(data):
+            client.outbuf += memoryview(data)[written:]
+        if self._mux is not None and client.stream is not None:
+            self._mux.consumed(client.stream, written)
+
     def _write_client(self, client: _Client) -> None:
         try:
             written = client.sock.send(client.outbuf)
@@ -353,9 +369,11 @@ class StreamLink:
             if kind == "data":
                 if client is None:
                     self._mux.consumed(stream, len(value))
-                else:
+                elif client.outbuf:
                     client.outbuf += value
                     self._write_client(client)
+                else:
+                    self._send_client(client, value)
             elif kind == "close" and client is not None:
                 self._close_client(client)
             elif kind == "control":

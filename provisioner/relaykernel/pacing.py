@@ -2,9 +2,9 @@
 
 Delay-based, in the manner of LEDBAT: the round trip of the link's keepalive pings rises when bytes queue on the
 path. While the queueing delay stays under ``queue_target_seconds`` and the window limits the rate (bytes in
-flight, rate × round trip, fill most of it), the window doubles up to ``maximum_bytes``; when the delay rises past
-the target it shrinks toward rate × (base round trip + target), never below ``minimum_bytes``. On loopback the
-window never limits, so it stays at its initial size.
+flight, rate × round trip, fill most of it), the window grows fourfold per interval up to ``maximum_bytes``; when
+the delay rises past the target it shrinks toward rate × (base round trip + target), never below ``minimum_bytes``.
+On a short fast path the window never limits the rate, so it never grows.
 """
 
 from __future__ import annotations
@@ -61,5 +61,5 @@ class WindowSizer:
             if self.window > fitting:
                 self.window = max(fitting, self.window // 2)
         elif rate * latest >= 0.6 * self.window:
-            self.window = min(self.maximum_bytes, self.window * 2)
+            self.window = min(self.maximum_bytes, self.window * 4)  # a second of a long fat path is worth a lot
         return self.window

@@ -28,6 +28,7 @@ CONTROL, ACK, CREDIT, PING, PONG, RESUME = 10, 11, 12, 13, 14, 15  # per transpo
 RELIABLE = (OPEN, DATA, CLOSE)
 
 FRAME_PAYLOAD_BYTES = 64 * 1024
+ALONE_FRAME_FACTOR = 4
 STREAM_WINDOW_BYTES = 16 * 1024 * 1024  # at least the largest SSH window (pacing.py): never the cap
 ACK_EVERY_BYTES = 256 * 1024
 MAX_PAYLOAD_BYTES = 1 << 24
@@ -291,19 +292,21 @@ class Mux:
             del self._ready[stream]
             if not self._sendable(stream):
                 continue  # out of the rotation until it gets data, credit or a close
-            frame = self._frame_for(stream, room)
+            frame = self._frame_for(stream, room, alone=not self._ready)
             if stream in self._streams:
                 self._ready[stream] = None  # its turn again after the others
             return frame
         return None
 
-    def _frame_for(self, stream: int, room: int) -> bytes:
+    def _frame_for(self, stream: int, room: int, *, alone: bool) -> bytes:
         state = self._streams[stream]
         if not state.pending_bytes:
             del self._streams[stream]
             return encode(CLOSE, stream)
         credit = state.peer_consumed + self.stream_window_bytes - state.sent
-        size = max(1, min(self.frame_payload_bytes, credit, room))
+        # Alone, a stream may send bigger frames (less work per byte); with others waiting, one frame at most.
+        largest = self.frame_payload_bytes * (ALONE_FRAME_FACTOR if alone else 1)
+        size = max(1, min(largest, credit, room))
         chunk = state.pending.popleft()
         if len(chunk) > size:
             chunk, rest = chunk[:size], chunk[size:]

@@ -41,6 +41,7 @@ logging.getLogger(TRANSPORT_LOGGER).addFilter(_RefusedOpenFilter())
 # GCM first: measured fastest on pulls (FACTS); the rest keep paramiko's order.
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _CHANNEL_OPEN_FAILED = {1: "administratively prohibited", 2: "connect failed"}
+JUMP_WINDOW_BYTES = 16 * 1024 * 1024
 
 
 def describe(hop: HopSettings) -> str:
@@ -283,15 +284,19 @@ class SSHChain:
 
     def _open_jump(self, index: int) -> JumpSocket:
         hop = self.hops[index]
-        return JumpSocket(self._open_direct(self._transports[index - 1], index - 1, hop.hostname, hop.port))
+        # The next hop's whole connection runs in this channel: its window must never be the cap. What is in flight
+        # inside is bounded by the inner channels' own windows (the kernel's is sized to the link: pacing.py).
+        return JumpSocket(self._open_direct(self._transports[index - 1], index - 1, hop.hostname, hop.port,
+                                            window_bytes=JUMP_WINDOW_BYTES))
 
     def _open_direct(
-        self, transport: paramiko.Transport, index: int, host: str, port: int
+        self, transport: paramiko.Transport, index: int, host: str, port: int, window_bytes: int | None = None
     ) -> paramiko.Channel:
         name, where = self.hop_name(index), describe(self.hops[index])
         try:
             return transport.open_channel(
-                "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=self.policy.channel_timeout_seconds
+                "direct-tcpip", (host, port), ("127.0.0.1", 0), window_size=window_bytes,
+                timeout=self.policy.channel_timeout_seconds,
             )
         except paramiko.ChannelException as error:
             raise _refused(name, where, host, port, error.code, index < len(self.hops) - 1) from None

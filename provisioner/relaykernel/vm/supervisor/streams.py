@@ -195,6 +195,19 @@ class KernelStreams:
         if conn is None:
             self.mux.consumed(stream, len(data))  # its connection ended here: let the sender go on
             return
+        if not conn.outbuf:  # straight to the kernel: only what it does not take now waits (no extra copy)
+            try:
+                written = conn.sock.send(data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._close_conn(stream)
+                self.mux.close(stream)
+                return
+            self.mux.consumed(stream, written)
+            data = data[written:]
+            if not data:
+                return
         conn.outbuf += data
         self._write_conn(stream, conn)
 
