@@ -312,7 +312,12 @@ def print_cell(lines: int) -> str:
     return f"import time\nfor i in range({lines}):\n    print(f'line {{i}}', flush=True)\n    time.sleep(0.1)\n"
 
 
-def test_a_fault_through_a_vscode_style_launch_loses_nothing(path: Path_, tmp_path: Path) -> None:
+FRONT_FAULTS = ["vm-tunnel-restart", *(pytest.param(name, marks=pytest.mark.slow) for name in sorted(FAULTS)
+                                        if name != "vm-tunnel-restart")]
+
+
+@pytest.mark.parametrize("fault_name", FRONT_FAULTS)
+def test_a_fault_through_a_vscode_style_launch_loses_nothing(path: Path_, tmp_path: Path, fault_name: str) -> None:
     from test_vscode import install_for_vscode  # the extension's way, over the emulated link
     from vscode import VSCodeKernel
 
@@ -325,7 +330,7 @@ def test_a_fault_through_a_vscode_style_launch_loses_nothing(path: Path_, tmp_pa
         kernel.launch()
         assert kernel.client is not None
         execute(kernel.client, "before = 'kept'")
-        outcome = run_through_fault(kernel.client, FAULTS["vm-tunnel-restart"](path), lines=40, outage_seconds=3.0)
+        outcome = run_through_fault(kernel.client, FAULTS[fault_name](path), lines=40, outage_seconds=3.0)
         assert outcome.lines == list(range(40)) and outcome.idle and outcome.reply is not None
         out, reply = execute(kernel.client, "print(before)", timeout_seconds=60)
         assert (out.strip(), reply["status"]) == ("kept", "ok")
@@ -333,7 +338,10 @@ def test_a_fault_through_a_vscode_style_launch_loses_nothing(path: Path_, tmp_pa
         kernel.dispose()
 
 
-def test_a_fault_through_jupyter_servers_websocket_loses_nothing(path: Path_, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault_name", ["laptop-leg-blackhole", *(pytest.param(name, marks=pytest.mark.slow)
+                                                                  for name in sorted(FAULTS)
+                                                                  if name != "laptop-leg-blackhole")])
+def test_a_fault_through_jupyter_servers_websocket_loses_nothing(path: Path_, tmp_path: Path, fault_name: str) -> None:
     from test_clients import Spec, jupyter_server
 
     spec = Spec(path="provisioner", config=relay_config(path.info, tmp_path, lease_seconds=120.0, **FAST_LINK),
@@ -346,7 +354,7 @@ def test_a_fault_through_jupyter_servers_websocket_loses_nothing(path: Path_, tm
         channels.settle()
         channels.run("before = 'kept'")
         msg_id = channels.execute(print_cell(40))
-        with FAULTS["laptop-leg-blackhole"](path):
+        with FAULTS[fault_name](path):
             time.sleep(3.0)
         out, reply = channels.collect(msg_id, timeout_seconds=120)
         assert [int(n) for n in LINE.findall(out)] == list(range(40)), "the browser's view lost or repeated lines"
