@@ -27,6 +27,7 @@ from helpers import (
     install_spec,
     kernel_manager,
     relay_config,
+    running_kernel,
     vm_pids,
     write_ssh_config,
 )
@@ -219,12 +220,7 @@ def test_a_breakpoint_on_the_vm_stops_and_reports_the_local_source(topology, tmp
     config = relay_config(topology, tmp_path)
     local_module = Path(config["sync_local_dir"]) / "relaymod.py"
     local_module.write_text(MODULE)
-    km = kernel_manager(tmp_path, config)
-    km.start_kernel()
-    client = km.client()
-    client.start_channels()
-    try:
-        client.wait_for_ready(timeout=30)
+    with running_kernel(tmp_path, config, now=True) as (km, client):
         out, _ = execute(client, "import os; print(os.path.join(os.getcwd(), 'relaymod.py'))")
         remote_module = out.strip()
         debugger = Debugger(client)
@@ -251,6 +247,3 @@ def test_a_breakpoint_on_the_vm_stops_and_reports_the_local_source(topology, tmp
         reply = client.get_shell_msg(timeout=30)
         assert reply["parent_header"]["msg_id"] == running and reply["content"]["status"] == "ok", reply
         debugger.request("disconnect", restart=False, terminateDebuggee=True)
-    finally:
-        client.stop_channels()
-        km.shutdown_kernel(now=True)
