@@ -154,8 +154,8 @@ def test_a_fault_mid_cell_loses_nothing(path: Path_, relay_kernel: Any, fault_na
     km, client = relay_kernel
     execute(client, "before = 'kept'")
     accepted_before = dict(km.provisioner.relayed.link.accepted)
-    outcome = run_through_fault(client, FAULTS[fault_name](path), lines=40, outage_seconds=3.0)
-    seconds = check_whole(km, client, outcome, 40, accepted_before)
+    outcome = run_through_fault(client, FAULTS[fault_name](path), lines=30, outage_seconds=3.0)
+    seconds = check_whole(km, client, outcome, 30, accepted_before)
     print(f"{fault_name}: next cell {seconds:.2f} s after the link was back")
 
 
@@ -178,7 +178,8 @@ def test_a_long_fault_loses_nothing(path: Path_, relay_kernel: Any, fault_name: 
     print(f"{fault_name} {outage_seconds:g} s {mode}: next cell {seconds:.2f} s after the link was back")
 
 
-@pytest.mark.parametrize("fault_name", ["laptop-leg-blackhole", "vm-tunnel-restart"])
+@pytest.mark.parametrize("fault_name", ["vm-tunnel-restart", pytest.param("laptop-leg-blackhole",
+                                                                         marks=pytest.mark.slow)])
 def test_input_waiting_across_a_cut_gets_its_answer(path: Path_, relay_kernel: Any, fault_name: str) -> None:
     km, client = relay_kernel
     client.allow_stdin = True
@@ -222,14 +223,14 @@ def test_an_outage_longer_than_the_lease_ends_plainly(path: Path_, tmp_path: Pat
 
 @pytest.mark.parametrize("cut_seconds", [3, pytest.param(90, marks=pytest.mark.slow)])
 def test_output_during_a_cut_stays_within_the_buffer_limit(path: Path_, tmp_path: Path, cut_seconds: int) -> None:
-    """A cell printing as fast as it can (10 MB/s and more) through a cut: both ends hold at most the limit, the
+    """A cell printing about 10 MB/s through a cut: both ends hold at most the limit, the
     kernel is unharmed, and afterwards the stream is consistent (ZeroMQ's own drops at its high-water mark only)."""
     limit_mb = 4.0
     config = relay_config(path.info, tmp_path, lease_seconds=300.0, stream_buffer_mb=limit_mb, **FAST_LINK)
     with running_kernel(tmp_path, config, now=True) as (km, client):
         relayed = km.provisioner.relayed
-        code = (f"import time\nend = time.time() + {cut_seconds + 2}\nwhile time.time() < end:\n"
-                "    print('x' * 1000)\n")
+        code = (f"import time\nend = time.time() + {cut_seconds + 1}\nwhile time.time() < end:\n"  # ~10 MB/s
+                "    print(('x' * 1000 + '\\n') * 100, end='')\n    time.sleep(0.01)\n")
         msg_id = client.execute(code)
         peak_rss = 0.0
         with Blackhole(path.emulator):
@@ -270,7 +271,7 @@ def supervisor_rss_mb(info: Any, kernel_pid: int) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("stall_seconds", [12, pytest.param(60, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stall_seconds", [6, pytest.param(60, marks=pytest.mark.slow)])
 def test_a_long_stall_holds_threads_and_fds_to_a_fixed_bound(path: Path_, relay_kernel: Any,
                                                               stall_seconds: int) -> None:
     """Clients that retry during a stall (the heartbeat re-makes its socket each late beat) pile nothing up."""
