@@ -34,3 +34,15 @@ def test_a_slow_link_shrinks_it_toward_rate_times_round_trip() -> None:
     window = run(sizer, base_rtt=0.05, rate=rate, seconds=20)
     assert MINIMUM_BYTES <= window <= 2 * rate * (0.05 + 0.05)
     assert sizer.window * 2 >= rate * 0.05, "never below what keeps the link busy"
+
+
+def test_a_window_limited_long_path_grows_even_though_its_pongs_wait_for_window_credit() -> None:
+    """When the window is full, the pong waits behind it for credit: its round trip is not a queue on the path."""
+    sizer, now = WindowSizer(), 0.0
+    sizer.observe_rtt(0.15, now)
+    for _ in range(3):
+        now += 1.0
+        sizer.observe_rtt(0.30, now)  # one window of data ahead of it
+        sizer.observe_bytes(int(sizer.window / 0.15))  # window-limited: a window per round trip
+        sizer.update(now)
+    assert sizer.window == MAXIMUM_BYTES

@@ -56,10 +56,11 @@ class WindowSizer:
         if base is None or latest is None:
             return self.window
         rate = received / elapsed
-        if latest > base + self.queue_target_seconds:
-            fitting = max(self.minimum_bytes, int(rate * (base + self.queue_target_seconds)))
-            if self.window > fitting:
-                self.window = max(fitting, self.window // 2)
-        elif rate * latest >= 0.6 * self.window:
+        fitting = max(self.minimum_bytes, int(rate * (base + self.queue_target_seconds)))
+        # A queue is real only when the rate does not need the window: a full window also delays the pong (it
+        # waits for window credit like any byte of the channel), which is no reason to shrink.
+        if latest > base + self.queue_target_seconds and fitting < 0.6 * self.window:
+            self.window = max(fitting, self.window // 2)
+        elif rate * base >= 0.6 * self.window:  # the window, not the link, limits the rate
             self.window = min(self.maximum_bytes, self.window * 4)  # a second of a long fat path is worth a lot
         return self.window
