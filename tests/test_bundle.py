@@ -95,11 +95,18 @@ def test_tracebacks_show_the_real_module_and_line(tmp_path: Path) -> None:
         b"try:\n    Destination.parse('')\nexcept Exception:\n    traceback.print_exc()\n"
         b"import relaykernel.ssh\n"
     )
-    result = run_bootstrapped(sys.executable, program, b"", tmp_path)
+    result = run_bootstrapped(sys.executable, zlib.compress(program), b"", tmp_path)
     stderr = result.stderr.decode()
     assert 'File "relaykernel/common/destination.py", line' in stderr
     assert 'raise ConfigError(f"empty SSH destination' in stderr
     assert "relaykernel.ssh is not part of the VM side of relaykernel" in stderr and result.returncode == 1
+
+
+def test_a_program_carries_only_what_its_package_can_import() -> None:
+    supervisor = zlib.decompress(vm_program("relaykernel.vm.supervisor.main")).decode()
+    assert "relaykernel.vm.supervisor.streams" in supervisor and "relaykernel.common.mux" in supervisor
+    assert "relaykernel.vm.cell" not in supervisor and "relaykernel.vm.sync_receiver" not in supervisor
+    assert len(vm_program("relaykernel.vm.supervisor.main")) < len(vm_program("relaykernel.vm.probe")) / 2
 
 
 def test_an_unknown_entry_is_refused_on_the_laptop() -> None:
@@ -112,7 +119,7 @@ def test_cell_payload_is_one_checked_line_that_installs_the_importer(tmp_path: P
     program = zlib.decompress(base64.b64decode(payload.line))
     assert "\n" not in payload.line and hashlib.sha256(program).hexdigest() == payload.sha256
     check = program + b"from relaykernel.vm.platforms import PLATFORMS\nprint(sorted(PLATFORMS))\n"
-    result = run_bootstrapped(sys.executable, check, b"", tmp_path)
+    result = run_bootstrapped(sys.executable, zlib.compress(check), b"", tmp_path)
     assert result.returncode == 0, result.stderr.decode()
     assert "colab" in result.stdout.decode()
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -208,7 +209,7 @@ def shut_down(run: SupervisorRun) -> dict:
 
 
 def test_script_is_python_38_syntax() -> None:
-    ast.parse(SCRIPT, feature_version=(3, 8))
+    ast.parse(zlib.decompress(SCRIPT), feature_version=(3, 8))
     assert "relaykernel.vm.supervisor.main" in check_syntax()
 
 

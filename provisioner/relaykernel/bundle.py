@@ -128,9 +128,9 @@ def _version() -> str:
 
 
 @functools.cache  # the installed sources do not change while relaykernel runs
-def importer_program(*, compressed: bool = True) -> bytes:
+def importer_program(*, compressed: bool = True, modules: tuple[Module, ...] | None = None) -> bytes:
     """A program that installs the bundle's importer (replacing an older one) and drops cached relaykernel modules."""
-    table = _modules_json(vm_modules())
+    table = _modules_json(vm_modules() if modules is None else modules)
     if compressed:
         blob = base64.b64encode(zlib.compress(table.encode(), 9)).decode("ascii")
         data = f"json.loads(zlib.decompress(base64.b64decode({blob!r})).decode())"
@@ -142,11 +142,27 @@ def importer_program(*, compressed: bool = True) -> bytes:
     return source.encode("utf-8")
 
 
-def vm_program(entry: str, *, compressed: bool = True) -> bytes:
-    """A program that imports ENTRY from the bundle, runs its ``main()`` and exits with what it returns."""
+@functools.lru_cache(maxsize=16)
+def vm_program(entry: str) -> bytes:
+    """ENTRY's ``main()`` as a program for ``BOOTSTRAP`` (zlib: its wire form), exiting with what main returns.
+
+    It carries ``relaykernel.common`` and the modules of ENTRY's own package (all of ``relaykernel.vm`` for a module of
+    ``vm`` itself, only ``vm.supervisor`` for the supervisor), so a slow uplink sends what the program can import and
+    nothing more (the supervisor: 22 KB instead of 63 KB). Built once per process.
+    """
     if not entry.startswith("relaykernel.") or entry not in {module.name for module in vm_modules()}:
         raise ConfigError(f"{entry} is not a module of the VM side (relaykernel.vm / relaykernel.common)")
-    return importer_program(compressed=compressed) + f"sys.exit(run_main({entry!r}))\n".encode()
+    source = importer_program(compressed=False, modules=_needed_by(entry)) + f"sys.exit(run_main({entry!r}))\n".encode()
+    return zlib.compress(source, 9)
+
+
+def _needed_by(entry: str) -> tuple[Module, ...]:
+    package = entry.rpartition(".")[0]
+    if package == "relaykernel.vm":
+        return vm_modules()
+    parents = {package.rsplit(".", depth)[0] for depth in range(package.count(".") + 1)}
+    return tuple(module for module in vm_modules()
+                 if module.name in parents or module.name.startswith(("relaykernel.common", package + ".")))
 
 
 # For short one-shot commands that need no stdin: the program rides in argv (no secret may go this way).

@@ -11,7 +11,8 @@ CONTROL_SOCKET = "control.sock"
 NOTEBOOK_ENV_FILE = "~/.relaykernel/notebook-env.json"  # written by relaykernel.vm.notebook_env
 
 BOOTSTRAP = (
-    "import sys;b=sys.stdin.buffer;n=int(b.readline());"
-    "exec(compile(b.read(n),'relaykernel-program','exec'))"
+    "import sys,zlib;b=sys.stdin.buffer;n=int(b.readline());"
+    "exec(compile(zlib.decompress(b.read(n)),'relaykernel-program','exec'))"
 )
-"""What ``python3 -c`` runs on the VM: read ``<decimal length>\\n<program>`` from stdin, run it; no secret in argv."""
+"""What ``python3 -c`` runs on the VM: read ``<decimal length>\\n<zlib-compressed program>`` from stdin and run it;
+no secret in argv. The rest of stdin stays the program's."""
