@@ -101,9 +101,10 @@ class RelayProvisioner(KernelProvisionerBase, RelayOptions):  # type: ignore[mis
             self.log.warning("could not deliver signal %s: %s", signum, error)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
-        """The client sent shutdown_request (``KernelManager._async_shutdown_kernel``): its ports close next."""
-        if self.relayed is not None:
-            self.relayed.expect_exit()
+        """The client sent shutdown_request (``KernelManager._async_shutdown_kernel``): nothing to do here.
+
+        The request travels on the kernel's own (resumable) control stream; the kernel's end closes its streams.
+        """
 
     async def kill(self, restart: bool = False) -> None:
         """Kill the remote kernel (``KernelManager._kill_kernel``)."""

@@ -154,9 +154,6 @@ class RelayedKernel:
             raise LinkDown(KERNEL, self.remote.chain.vm_label, f"signal {signum} could not be delivered",
                            "the link is down; relaykernel reconnects by itself, then try again")
 
-    def expect_exit(self) -> None:
-        """A shutdown was requested: nothing to do here; the kernel's end closes its streams."""
-
     def stop_kernel(self) -> int | None:
         """Stop the remote kernel and its supervisor; keep the link and the listeners (for a restart).
 
