@@ -12,12 +12,12 @@ import logging
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .bundle import vm_program
 from .common.errors import KERNEL, VM, LinkDown, RemoteLaunchError
-from .common.protocol import PORT_NAMES, PROTOCOL_VERSION, RUN_ROOT
+from .common.protocol import PROTOCOL_VERSION, RUN_ROOT
 from .common.version import __version__, version_mismatch
 from .logs import step
 from .ssh.chain import SSHChain
@@ -43,11 +43,6 @@ class Handshake:
     channel: Any = None
     leftover: bytes = b""
     resumed: bool = False
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def ports(self) -> dict[str, int]:
-        return {name: int(self.event["ports"][name]) for name in PORT_NAMES}
 
 
 class RemoteKernel:
