@@ -149,11 +149,9 @@ def test_streams_resume_across_cuts_without_the_client_noticing(link: StreamLink
         expected += payload.upper()
         time.sleep(0.01)
         vm.cut()  # whatever was in flight is lost
-        link.drop_transport()
         link.resume(vm.transport(resume=True))
     assert receive(client, len(expected)) == expected
     assert link.accepted["iopub_port"] == 1
-    assert link.replayed_bytes() >= 0
     client.close()
 
 

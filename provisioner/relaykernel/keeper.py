@@ -31,7 +31,6 @@ class LinkKeeper:
         self.max_backoff_seconds = max_backoff_seconds
         self.on_back = on_back  # re-attached to the same, still running kernel
         self.on_gone = on_gone  # the kernel ended while the link was down (event, outage seconds)
-        self.outages = 0
         self._down = threading.Event()
         self._down_since: float | None = None
         self._why = ""
@@ -54,7 +53,6 @@ class LinkKeeper:
             return
         self._why = why
         self._down_since = time.monotonic()
-        self.outages += 1
         log.warning("the link to %s is down (%s); reconnecting, the kernel keeps running", self.chain.vm_label, why)
         self._down.set()
 

@@ -115,8 +115,11 @@ class StreamLink:
                 self._listeners.append(listener)
                 self.local_ports[name] = listener.getsockname()[1]
                 self._reactor.set(listener.fileno(), self._acceptor(listener, name))
-        except BaseException:
+        except BaseException:  # nothing started: leave nothing open either (stop() stays safe to call)
             self._close_listeners()
+            self._reactor.close()
+            self._wake_r.close()
+            self._wake_w.close()
             raise
         self._wake_r.setblocking(False)
         self._reactor.set(self._wake_r.fileno(), self._drain_wakeups)
@@ -171,11 +174,6 @@ class StreamLink:
             self._fail_waiters({"event": "gone", "message": "the kernel's session ended"})
         self._wake()
 
-    def drop_transport(self) -> None:
-        """Forget the transport (the keeper closes it); streams and clients stay as they are."""
-        with self._lock:
-            self._drop_transport()
-
     def stop(self) -> None:
         """Close everything and join both threads; safe to call twice."""
         self._stopping.set()
@@ -214,14 +212,6 @@ class StreamLink:
     def buffered_bytes(self) -> int:
         with self._lock:
             return 0 if self._mux is None else self._mux.buffered_bytes()
-
-    def replayed_bytes(self) -> int:
-        with self._lock:
-            return 0 if self._mux is None else self._mux.resent_bytes
-
-    @property
-    def connected(self) -> bool:
-        return self._transport is not None
 
     # ---- the loop thread
 

@@ -8,11 +8,6 @@ import paramiko
 from paramiko.common import cMSG_CHANNEL_WINDOW_ADJUST
 
 
-def receive_window(channel: paramiko.Channel) -> int:
-    """The window the peer may currently fill ahead of our reads, as this side grants it."""
-    return int(channel.in_window_size)
-
-
 def resize_receive_window(channel: paramiko.Channel, size_bytes: int) -> None:
     """Grow at once (a WINDOW_ADJUST for the difference) or shrink by withholding the next grants.
 
