@@ -33,7 +33,6 @@ class LinkKeeper:
         self.on_gone = on_gone  # the kernel ended while the link was down (event, outage seconds)
         self._down = threading.Event()
         self._down_since: float | None = None
-        self._why = ""
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="relaykernel-keeper", daemon=True)
 
@@ -51,7 +50,6 @@ class LinkKeeper:
         """The link noticed a cut (any thread): log it once and reconnect."""
         if self._stopping.is_set() or self._down.is_set():
             return
-        self._why = why
         self._down_since = time.monotonic()
         log.warning("the link to %s is down (%s); reconnecting, the kernel keeps running", self.chain.vm_label, why)
         self._down.set()
