@@ -1,10 +1,12 @@
-"""Logging in with ssh-agent keys leaves no agent connection open once the hop is authenticated."""
+"""Logging in: ssh-agent keys leave no agent connection open; pipelined requests survive refusals and RSA keys."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import subprocess
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from helpers import VM_ALIAS, wait_until, write_ssh_config
 from relaykernel.options import RelayOptions
 from relaykernel.relayed import build_chain
+from relaykernel.sandbox.sshd import SshdServer
 
 
 @pytest.fixture
@@ -48,5 +51,51 @@ def test_agent_connections_close_after_each_hop_logs_in(topology, tmp_path, agen
             assert chain.is_active()
             assert wait_until(lambda: agent_clients(agent) == 0, 5), f"{agent_clients(agent)} agent links left open"
             chain.drop(keep_relays=False)
+    finally:
+        chain.close()
+
+
+@pytest.fixture
+def rsa_sshd(tmp_path) -> Iterator[tuple[SshdServer, Path, Path]]:
+    """An sshd of its own that accepts only a fresh RSA key; also a fresh ed25519 key it refuses."""
+    rsa, refused = tmp_path / "id_rsa", tmp_path / "id_refused"
+    for path, kind in ((rsa, "rsa"), (refused, "ed25519")):
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)], check=True, timeout=30)
+    user = pwd.getpwuid(os.getuid()).pw_name
+    sshd = SshdServer(state_dir=tmp_path / "sshd", authorized_keys={user: [rsa.with_suffix(".pub").read_text()]})
+    sshd.start()
+    try:
+        yield sshd, rsa, refused
+    finally:
+        sshd.stop()
+
+
+def test_a_refused_key_then_an_rsa_key_log_in_with_pipelined_requests(rsa_sshd, tmp_path):
+    """Each attempt sends its userauth request behind its service request: a refusal moves on to the next key, and
+    an RSA key (its algorithm waits for the server's server-sig-algs) logs in with SHA-2."""
+    sshd, rsa, refused = rsa_sshd
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.host_key_line() + "\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(f"""Host lone
+    HostName 127.0.0.1
+    Port {sshd.port}
+    User {pwd.getpwuid(os.getuid()).pw_name}
+    IdentityFile {refused}
+    IdentityFile {rsa}
+    IdentitiesOnly yes
+    UserKnownHostsFile {known}
+    StrictHostKeyChecking yes
+""")
+    chain = build_chain(RelayOptions(host="lone", ssh_config_file=str(config), connect_timeout_seconds=10.0))
+    try:
+        chain.connect()
+        assert chain.is_active()
+        transport = chain.vm_transport()
+        assert transport.is_authenticated()
+        assert transport._agreed_pubkey_algorithm in ("rsa-sha2-256", "rsa-sha2-512")
+        status, out, _ = chain.run_program(["python3"], zlib.compress(b"print('hello from the bootstrap')"), [],
+                                           timeout_seconds=20)
+        assert (status, out.strip()) == (0, "hello from the bootstrap")
     finally:
         chain.close()

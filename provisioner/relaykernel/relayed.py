@@ -131,7 +131,7 @@ class RelayedKernel:
                                      max_backoff_seconds=self.options.reconnect_max_backoff_seconds,
                                      on_back=self._link_back, on_gone=self._gone)
             self.keeper.start()
-        self.chain.prepare_session()  # the next start (a restart) finds its session open
+        remote.prepare_next()  # the next start (a restart) finds its supervisor waiting
         self._step("started")
 
     def _step(self, what: str) -> None:

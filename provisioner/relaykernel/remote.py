@@ -102,6 +102,10 @@ class RemoteKernel:
             return Handshake(event)
         return Handshake(event, channel, reader.leftover(), resumed=bool(event.get("resumed")))
 
+    def prepare_next(self) -> None:
+        """Start the next supervisor ahead (see ``SSHChain.prepare_program``): a restart only sends its request."""
+        self.chain.prepare_program(self.python_argv, supervisor_program(), window_bytes=self.window_bytes)
+
     def _run(self, first: dict[str, Any], mux: dict[str, Any]) -> Any:
         lines = (json.dumps(first) + "\n" + json.dumps({"op": "mux", **mux}) + "\n").encode()
         return self.chain.start_program(self.python_argv, supervisor_program(), lines, window_bytes=self.window_bytes,

@@ -1,14 +1,20 @@
-"""Public-key authentication for one hop: the named key, then ssh-agent, then ssh config's keys."""
+"""Public-key authentication for one hop: the named key, then ssh-agent, then ssh config's keys.
+
+Each attempt sends the userauth request right behind its service request instead of waiting a round trip for the
+service to be accepted (the server reads them in order): one round trip per hop, on every connect and reconnect.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
 import paramiko
+from paramiko.auth_handler import AuthHandler
 
 from ..common.errors import AuthError, LinkDown
 
@@ -35,12 +41,45 @@ def authenticate(
 
 def _try_key(transport: paramiko.Transport, user: str, key: paramiko.PKey, name: str, where: str) -> bool:
     try:
-        remaining = transport.auth_publickey(user, key)
+        remaining = _auth_publickey(transport, user, key)
     except paramiko.AuthenticationException:
         return False
     except (paramiko.SSHException, OSError, EOFError) as error:
         raise LinkDown(name, where, f"the connection dropped during authentication ({error})", "") from None
     return not remaining
+
+
+def _auth_publickey(transport: paramiko.Transport, user: str, key: paramiko.PKey) -> list[str]:
+    """``Transport.auth_publickey`` with the request pipelined behind the service request (``_PipelinedAuth``)."""
+    if not transport.is_active() or not transport.initial_kex_done:
+        raise paramiko.SSHException("no SSH session to authenticate on")
+    done = threading.Event()
+    handler = _PipelinedAuth(transport)
+    transport.auth_handler = handler
+    handler.auth_publickey(user, key, done)
+    return handler.wait_for_response(done)  # type: ignore[no-any-return]
+
+
+class _PipelinedAuth(AuthHandler):  # type: ignore[misc]
+    """paramiko's client auth, minus the wait for the service accept before the userauth request.
+
+    An RSA key's signature algorithm depends on the server's ``server-sig-algs``, which may not have been read yet
+    right after the key exchange: such a key waits for the accept as usual.
+    """
+
+    def _request_auth(self) -> None:
+        super()._request_auth()
+        key_type, _ = self._get_key_type_and_bits(self.private_key)
+        self._pipelined = "rsa" not in key_type or "server-sig-algs" in self.transport.server_extensions
+        if self._pipelined:
+            accepted = paramiko.Message()
+            accepted.add_string("ssh-userauth")
+            accepted.rewind()
+            super()._parse_service_accept(accepted)
+
+    def _parse_service_accept(self, message: paramiko.Message) -> None:
+        if not getattr(self, "_pipelined", False):
+            super()._parse_service_accept(message)
 
 
 def _candidate_keys(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shlex
@@ -22,6 +23,7 @@ from .config import HopSettings
 from .hostkeys import KnownHosts
 from .jump import JumpSocket
 from .proxy import DetachedProxyCommand, proxy_outcome
+from .spare import SpareProgram
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,7 @@ class SSHChain:
         self._transports: list[paramiko.Transport] = []
         self._lock = threading.Lock()
         self._nodelay_threads: list[threading.Thread] = []
-        self._spare: paramiko.Channel | None = None  # a session opened ahead of the next kernel start
-        self._spare_lock = threading.Lock()
-        self._spare_thread: threading.Thread | None = None
+        self._spare = SpareProgram()  # the next kernel start's supervisor, started ahead of need
 
     def hop_name(self, index: int) -> str:
         """'relay' for jump hosts, 'VM' for the last hop."""
@@ -145,32 +145,49 @@ class SSHChain:
             raise LinkDown(VM, self.vm_label, f"could not open a session: {_reason(error)}",
                            "relaykernel reconnects by itself; if this persists, check the VM's tunnel") from None
 
-    def prepare_session(self) -> None:
-        """Open a session channel in the background for the next ``start_program(spare=True)`` (a restart saves the
-        round trip of opening one). At most one is kept; a cut or ``close`` discards it."""
-        with self._spare_lock:
-            if self._spare is not None or (self._spare_thread is not None and self._spare_thread.is_alive()):
-                return
-            self._spare_thread = threading.Thread(target=self._open_spare, name="relaykernel-spare-session",
-                                                  daemon=True)
-            self._spare_thread.start()
+    def prepare_program(self, python_argv: Sequence[str], program: bytes, *, window_bytes: int | None = None) -> None:
+        """Start ``program`` in the background for the next ``start_program(..., spare=True)`` of the same program:
+        that start (a restart) then only sends its first lines. A cut or ``close`` discards it."""
+        key = _program_key(python_argv, program, window_bytes)
+        self._spare.prepare(key, lambda: self._launch(python_argv, program, (), window_bytes))
 
     def start_program(self, python_argv: Sequence[str], program: bytes, first_lines: bytes = b"", *,
                       args: Sequence[str] = (), window_bytes: int | None = None,
                       spare: bool = False) -> paramiko.Channel:
         """Run a bundled VM program (``relaykernel.bundle``) and send it ``first_lines``: the one way to run code there.
 
-        The exec request goes without waiting for its reply, with the program and the first lines right behind it,
-        so starting costs the session open and no further round trip. A python that cannot run shows up as the
-        channel closing with status 126/127 and the shell's message on stderr.
+        The exec request goes without waiting for its reply, with the program and the first lines right behind it
+        (they wait only for sshd to open the session's window). With ``spare``, a copy started ahead by
+        ``prepare_program`` is used when there is one, and only the first lines go. A python that cannot run shows
+        up as the channel closing with status 126/127 and the shell's message on stderr.
         """
-        channel = (self._take_spare() if spare else None) or self.open_session(window_bytes)
-        command = shlex.join([*python_argv, "-c", BOOTSTRAP, *args])  # args: the program's sys.argv[1:]
+        channel = None
+        if spare and not args:
+            transports = self._transports
+            channel = self._spare.take(_program_key(python_argv, program, window_bytes),
+                                       transports[-1] if len(transports) == len(self.hops) else None)
+        if channel is None:
+            channel = self._launch(python_argv, program, args, window_bytes)
         try:
-            _exec_without_waiting(channel, command)
-            channel.sendall(b"%d\n" % len(program) + program + first_lines)
+            channel.sendall(first_lines)
         except (paramiko.SSHException, OSError, EOFError) as error:
             if channel.exit_status_ready():  # the command ended at once (no such python): the caller reads why
+                return channel
+            channel.close()
+            raise LinkDown(VM, self.vm_label, f"starting a program on the VM failed: {_reason(error)}",
+                           "relaykernel reconnects by itself; if this persists, check the VM's tunnel") from None
+        return channel
+
+    def _launch(self, python_argv: Sequence[str], program: bytes, args: Sequence[str],
+                window_bytes: int | None) -> paramiko.Channel:
+        """A new session running the bootstrap, with ``program`` sent (args: the program's sys.argv[1:])."""
+        channel = self.open_session(window_bytes)
+        command = shlex.join([*python_argv, "-c", BOOTSTRAP, *args])
+        try:
+            _exec_without_waiting(channel, command)
+            channel.sendall(b"%d\n" % len(program) + program)
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            if channel.exit_status_ready():
                 return channel
             channel.close()
             raise LinkDown(VM, self.vm_label, f"starting a program on the VM failed: {_reason(error)}",
@@ -195,7 +212,7 @@ class SSHChain:
 
     def drop(self, *, keep_relays: bool) -> None:
         """Close the VM hop, and the relay hops too unless keep_relays, so connect() rebuilds them."""
-        self._discard_spare()
+        self._spare.discard()
         with self._lock:
             keep = len(self.hops) - 1 if keep_relays else 0
             for transport in reversed(self._transports[keep:]):
@@ -204,7 +221,7 @@ class SSHChain:
 
     def close(self) -> None:
         """Close every hop, innermost first; safe to call twice."""
-        self._discard_spare()
+        self._spare.discard()
         with self._lock:
             for transport in reversed(self._transports):
                 transport.close()
@@ -212,37 +229,7 @@ class SSHChain:
         for thread in self._nodelay_threads:
             thread.join(timeout=1.0)
         self._nodelay_threads = []
-        spare_thread = self._spare_thread
-        if spare_thread is not None:
-            spare_thread.join(timeout=self.policy.channel_timeout_seconds)
-        self._discard_spare()
-
-    def _open_spare(self) -> None:
-        try:
-            channel = self.open_session()
-        except HopError:
-            return  # the start that wanted it opens its own
-        with self._spare_lock:
-            old, self._spare = self._spare, channel
-        if old is not None:
-            old.close()
-
-    def _take_spare(self) -> paramiko.Channel | None:
-        with self._spare_lock:
-            channel, self._spare = self._spare, None
-        transports = self._transports
-        if channel is not None and channel.active and not channel.closed and transports and \
-                channel.get_transport() is transports[-1] and transports[-1].is_active():
-            return channel
-        if channel is not None:
-            channel.close()
-        return None
-
-    def _discard_spare(self) -> None:
-        with self._spare_lock:
-            channel, self._spare = self._spare, None
-        if channel is not None:
-            channel.close()
+        self._spare.join(self.policy.channel_timeout_seconds)
 
     def _drop_dead_tail(self) -> None:
         for index, transport in enumerate(self._transports):
@@ -347,6 +334,10 @@ class SSHChain:
         )
         thread.start()
         self._nodelay_threads.append(thread)
+
+
+def _program_key(python_argv: Sequence[str], program: bytes, window_bytes: int | None) -> tuple[object, ...]:
+    return tuple(python_argv), hashlib.sha256(program).digest(), window_bytes
 
 
 def _exec_without_waiting(channel: paramiko.Channel, command: str) -> None:

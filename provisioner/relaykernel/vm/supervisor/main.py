@@ -151,6 +151,8 @@ def main() -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     line = sys.stdin.buffer.readline(MAX_LINE_BYTES)
+    if not line:  # a spare started ahead of a restart that never came: its channel closed, nothing to do
+        return EXIT_OK
     leftover, ended = drain_buffered_stdin()
     try:
         request = parse_request(line)
