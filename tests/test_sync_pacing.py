@@ -44,17 +44,19 @@ def test_the_pacer_keeps_rate_times_base_rtt_plus_the_queue_target_in_flight():
     pacer.on_ack(64_000)  # 64 kB delivered in one 100 ms round trip: 640 kB/s
     assert pacer.base_rtt_seconds == pytest.approx(0.1)
     assert pacer.rate_bytes_per_second == pytest.approx(640_000)
-    assert pacer.limit() == pytest.approx(2 * 640_000 * 0.15, rel=1e-6), "no queue yet: the limit doubles"
+    assert pacer.queue_target_seconds == pytest.approx(0.025), "a quarter of the base round trip"
+    assert pacer.limit() == pytest.approx(2 * 640_000 * 0.125, rel=1e-6), "no queue yet: the limit doubles"
     pacer.on_send(192_000)
     clock.now = 0.4
     pacer.on_ack(256_000)  # the round trip grew to 300 ms: a queue; the link carried 640 kB/s
     assert pacer.base_rtt_seconds == pytest.approx(0.1)
-    assert pacer.limit() == pytest.approx(640_000 * 0.15, rel=1e-6), "a queue shows: rate x (base RTT + 50 ms)"
+    assert pacer.limit() == pytest.approx(640_000 * 0.125, rel=1e-6), "a queue shows: rate x (base RTT + 25 ms)"
     slow = AckPacer(clock=clock)
     slow.on_send(1_000)
     clock.now = 1.4
     slow.on_ack(1_000)
     assert slow.limit() == FLOOR_BYTES, "never below the floor"
+    assert slow.queue_target_seconds == pytest.approx(0.05), "at most 50 ms of queue on a long path"
     assert pacer.frame_bytes() <= pacer.limit(), "several acks per round trip"
 
 

@@ -7,13 +7,18 @@ from collections import deque
 from collections.abc import Callable
 
 FLOOR_BYTES = 16 << 10  # 64 KiB would already be half a second of queue at 1 Mbit/s
-QUEUE_SECONDS = 0.05
+QUEUE_SECONDS = 0.05  # the most queue allowed ahead of the kernel's messages
+QUEUE_SHARE = 0.25  # of the base round trip: a message never waits more than a quarter of the path's own time
+MIN_QUEUE_SECONDS = 0.01
 _RATE_WINDOW_SECONDS = 1.0
 _MIN_RTT_WINDOW_SECONDS = 10.0
 
 
 class AckPacer:
-    """Keep in flight about rate x (base round trip + queue_seconds), never below floor_bytes.
+    """Keep in flight about rate x (base round trip + queue target), never below floor_bytes.
+
+    The queue target is a quarter of the base round trip, 10 to 50 ms (``queue_seconds``): the kernel's messages
+    then take at most about 1.25 times their idle time while an upload runs.
 
     Everything the laptop sends the VM shares one SSH connection: bytes in flight beyond what the link carries in one
     round trip only queue, ahead of the kernel's messages and the lease renewals. Each ack names the bytes the
@@ -59,7 +64,13 @@ class AckPacer:
         if rtt is None or rate <= 0:
             return self.floor_bytes
         gain = 2.0 if self.starting else 1.0
-        return max(self.floor_bytes, int(gain * rate * (rtt + self.queue_seconds)))
+        return max(self.floor_bytes, int(gain * rate * (rtt + self.queue_target_seconds)))
+
+    @property
+    def queue_target_seconds(self) -> float:
+        """How much queue the bytes in flight may build: a share of the base round trip, within limits."""
+        rtt = self.base_rtt_seconds or 0.0
+        return min(self.queue_seconds, max(MIN_QUEUE_SECONDS, QUEUE_SHARE * rtt))
 
     def room(self) -> int:
         return self.limit() - self.in_flight
@@ -86,9 +97,10 @@ class AckPacer:
         if self._min_rtt is None or rtt <= self._min_rtt[0] or now - self._min_rtt[1] > _MIN_RTT_WINDOW_SECONDS:
             self._min_rtt = (rtt, now)
         self._recent_rtts.append((now, rtt))
-        while now - self._recent_rtts[0][0] > self._min_rtt[0] + self.queue_seconds and len(self._recent_rtts) > 1:
+        target = self.queue_target_seconds
+        while now - self._recent_rtts[0][0] > self._min_rtt[0] + target and len(self._recent_rtts) > 1:
             self._recent_rtts.popleft()
-        if min(seconds for _, seconds in self._recent_rtts) > self._min_rtt[0] + self.queue_seconds / 2:
+        if min(seconds for _, seconds in self._recent_rtts) > self._min_rtt[0] + target / 2:
             self.starting = False  # a queue: the link is full
         elapsed = max(now - acked_then_at, sent_at - acked_sent_at, 1e-6)  # acks in a burst overstate nothing
         self._rates.append((now, (total - acked_then) / elapsed))
@@ -96,5 +108,5 @@ class AckPacer:
             self._rates.popleft()
 
     def frame_bytes(self) -> int:
-        """A frame size that gives several acks per round trip: a quarter of the limit, 4 KiB to 1 MiB."""
-        return min(1 << 20, max(4 << 10, self.limit() // 4))
+        """A frame size that gives several acks per round trip: an eighth of the limit, 4 KiB to 1 MiB."""
+        return min(1 << 20, max(4 << 10, self.limit() // 8))
