@@ -62,7 +62,7 @@ class FrameWriter:
         else:
             self._raw_frames = max(0, self._raw_frames - 1)
             header = b"%d\n" % len(chunk)
-        while self._pacer.in_flight and self._pacer.room() <= 0:  # a frame may overshoot: small, and the link stays full
+        while self._pacer.in_flight and self._pacer.room() <= 0:  # a frame may overshoot: the link stays full
             self._acks(True)
         self._channel.sendall(header + chunk)
         self._pacer.on_send(len(chunk))
