@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 READ_BYTES = 256 * 1024
 WRITE_CHUNK_BYTES = 256 * 1024
+SIZING_MIN_SECONDS = 0.1  # the window is sized every round trip, at most this often
 _LISTEN_BACKLOG = 128
 _FINAL_EVENTS = {"exited", "gone"}
 
@@ -96,6 +97,7 @@ class StreamLink:
         self._inbox = bytearray()
         self._last_heard = 0.0
         self._next_keepalive = 0.0
+        self._next_sizing = 0.0
         self._waiters: list[_Waiter] = []
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -245,6 +247,11 @@ class StreamLink:
                     mux.flush_acks()
                     mux.ping(time.monotonic_ns())
                     self._wake_writer.notify()
+                if now >= self._next_sizing:  # every round trip: a long fat path opens up within a few
+                    self._next_sizing = now + max(SIZING_MIN_SECONDS, self.rtt_seconds or self.keepalive_seconds)
+                    if self.window.receiving:
+                        mux.ping(time.monotonic_ns())  # a fresh round trip for the next sizing
+                        self._wake_writer.notify()
                     self._size_window()
                 return
             self._drop_transport()

@@ -14,7 +14,7 @@ from collections import deque
 
 INITIAL_BYTES = 2 * 1024 * 1024
 MINIMUM_BYTES = 256 * 1024
-MAXIMUM_BYTES = 8 * 1024 * 1024
+MAXIMUM_BYTES = 16 * 1024 * 1024
 QUEUE_TARGET_SECONDS = 0.05
 BASE_RTT_MEMORY_SECONDS = 60.0
 
@@ -42,6 +42,11 @@ class WindowSizer:
 
     def observe_bytes(self, count: int) -> None:
         self._received += count
+
+    @property
+    def receiving(self) -> bool:
+        """True when bytes came in since the last ``update``."""
+        return self._received > 0
 
     @property
     def base_rtt(self) -> float | None:
