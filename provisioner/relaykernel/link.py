@@ -32,6 +32,7 @@ LOOPBACK = "127.0.0.1"
 READ_BYTES = 256 * 1024
 WRITE_CHUNK_BYTES = 256 * 1024
 SIZING_MIN_SECONDS = 0.1  # the window is sized every round trip, at most this often
+SIZING_MIN_RTT_SECONDS = 0.02  # below this the first window (2 MiB) is never what limits the rate
 _LISTEN_BACKLOG = 128
 _FINAL_EVENTS = {"exited", "gone"}
 
@@ -242,17 +243,22 @@ class StreamLink:
             if mux is None or self._transport is None or not self._reading:
                 return
             if silent <= self.silence_seconds:
+                sizing_interval = max(SIZING_MIN_SECONDS, self.rtt_seconds or self.keepalive_seconds)
                 if now >= self._next_keepalive:
-                    self._next_keepalive = now + self.keepalive_seconds
+                    self._next_keepalive, self._next_sizing = now + self.keepalive_seconds, now + sizing_interval
                     mux.flush_acks()
                     mux.ping(time.monotonic_ns())
                     self._wake_writer.notify()
-                if now >= self._next_sizing:  # every round trip: a long fat path opens up within a few
-                    self._next_sizing = now + max(SIZING_MIN_SECONDS, self.rtt_seconds or self.keepalive_seconds)
-                    if self.window.receiving:
-                        mux.ping(time.monotonic_ns())  # a fresh round trip for the next sizing
+                    self._size_window(may_shrink=True)
+                elif now >= self._next_sizing:
+                    # Growing is judged every round trip, so a long fat path opens up within a few; shrinking only
+                    # once per keepalive, as a busy CPU delays single pongs too. A short path never needs more than
+                    # the first window: it is left alone.
+                    self._next_sizing = now + sizing_interval
+                    if self.window.receiving and (self.rtt_seconds or 0) >= SIZING_MIN_RTT_SECONDS:
+                        mux.ping(time.monotonic_ns())
                         self._wake_writer.notify()
-                    self._size_window()
+                        self._size_window(may_shrink=False)
                 return
             self._drop_transport()
         self.on_down(f"nothing heard from the VM for {silent:.1f} s")
@@ -394,8 +400,8 @@ class StreamLink:
         if name in _FINAL_EVENTS:
             self.on_final(event)
 
-    def _size_window(self) -> None:
-        before, after = self.window.window, self.window.update()
+    def _size_window(self, *, may_shrink: bool) -> None:
+        before, after = self.window.window, self.window.update(may_shrink=may_shrink)
         if after != before and self._resize_window is not None and self._transport is not None:
             log.debug("receive window %d -> %d bytes (round trip %.1f ms)", before, after,
                       (self.rtt_seconds or 0) * 1e3)

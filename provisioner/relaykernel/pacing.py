@@ -52,8 +52,8 @@ class WindowSizer:
     def base_rtt(self) -> float | None:
         return min(rtt for _, rtt in self._rtts) if self._rtts else None
 
-    def update(self, now: float | None = None) -> int:
-        """The window for the next interval, from what was seen since the last call."""
+    def update(self, now: float | None = None, *, may_shrink: bool = True) -> int:
+        """The window for the next interval, from what was seen since the last call (``may_shrink``: or only grow)."""
         now = time.monotonic() if now is None else now
         elapsed, received = max(now - self._since, 1e-3), self._received
         self._since, self._received = now, 0
@@ -65,6 +65,8 @@ class WindowSizer:
         # A queue is real only when the rate does not need the window: a full window also delays the pong (it
         # waits for window credit like any byte of the channel), which is no reason to shrink.
         if latest > base + self.queue_target_seconds and fitting < 0.6 * self.window:
+            if not may_shrink:
+                return self.window
             self.window = max(fitting, self.window // 2)
         elif rate * base >= 0.6 * self.window:  # the window, not the link, limits the rate
             self.window = min(self.maximum_bytes, self.window * 4)  # a second of a long fat path is worth a lot
