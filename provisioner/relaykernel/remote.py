@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SUPERVISOR = "relaykernel.vm.supervisor.main"
 _NOT_FOUND_STATUSES = {126, 127}
 _MAX_LINE_BYTES = 1 << 20
+SPARE_DELAY_SECONDS = 2.0  # after a start, before the next supervisor is started ahead of a restart
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,8 +104,12 @@ class RemoteKernel:
         return Handshake(event, channel, reader.leftover(), resumed=bool(event.get("resumed")))
 
     def prepare_next(self) -> None:
-        """Start the next supervisor ahead (see ``SSHChain.prepare_program``): a restart only sends its request."""
-        self.chain.prepare_program(self.python_argv, supervisor_program(), window_bytes=self.window_bytes)
+        """Start the next supervisor ahead (see ``SSHChain.prepare_program``): a restart only sends its request.
+
+        It waits a moment first, so its upload never delays the clients' first messages to the kernel just started.
+        """
+        self.chain.prepare_program(self.python_argv, supervisor_program(), window_bytes=self.window_bytes,
+                                   delay_seconds=SPARE_DELAY_SECONDS)
 
     def _run(self, first: dict[str, Any], mux: dict[str, Any]) -> Any:
         lines = (json.dumps(first) + "\n" + json.dumps({"op": "mux", **mux}) + "\n").encode()

@@ -145,11 +145,13 @@ class SSHChain:
             raise LinkDown(VM, self.vm_label, f"could not open a session: {_reason(error)}",
                            "relaykernel reconnects by itself; if this persists, check the VM's tunnel") from None
 
-    def prepare_program(self, python_argv: Sequence[str], program: bytes, *, window_bytes: int | None = None) -> None:
-        """Start ``program`` in the background for the next ``start_program(..., spare=True)`` of the same program:
-        that start (a restart) then only sends its first lines. A cut or ``close`` discards it."""
+    def prepare_program(self, python_argv: Sequence[str], program: bytes, *, window_bytes: int | None = None,
+                        delay_seconds: float = 0.0) -> None:
+        """Start ``program`` in the background, after ``delay_seconds``, for the next ``start_program(...,
+        spare=True)`` of the same program: that start (a restart) then only sends its first lines. A cut or
+        ``close`` discards it."""
         key = _program_key(python_argv, program, window_bytes)
-        self._spare.prepare(key, lambda: self._launch(python_argv, program, (), window_bytes))
+        self._spare.prepare(key, lambda: self._launch(python_argv, program, (), window_bytes), delay_seconds)
 
     def start_program(self, python_argv: Sequence[str], program: bytes, first_lines: bytes = b"", *,
                       args: Sequence[str] = (), window_bytes: int | None = None,
