@@ -24,6 +24,7 @@ from .common.errors import LOCAL, ConfigError, ForwardBindError
 from .common.mux import Mux, ProtocolError
 from .common.protocol import PORT_NAMES
 from .common.reactor import Reactor
+from .common.zmtp import HandshakeError, KernelHandshakeFilter, kernel_handshake
 from .pacing import WindowSizer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class _Client:
         self.port_name = port_name
         self.stream: int | None = None
         self.outbuf = bytearray()
+        self.unstreamed = 0  # leading outbuf bytes that came from here, not from the stream (no credit for them)
+        self.handshake: KernelHandshakeFilter | None = None  # drops the kernel's ZMTP handshake (zmtp.py)
 
 
 class _Waiter:
@@ -70,7 +73,7 @@ class StreamLink:
     def __init__(self, *, local_ports: Mapping[str, int], buffer_limit_bytes: int, keepalive_seconds: float,
                  silence_seconds: float, on_down: Callable[[str], None] = lambda why: None,
                  on_final: Callable[[dict[str, Any]], None] = lambda event: None,
-                 resize_window: Callable[[Any, int], None] | None = None) -> None:
+                 resize_window: Callable[[Any, int], None] | None = None, answer_handshakes: bool = True) -> None:
         missing = [name for name in PORT_NAMES if name not in local_ports]
         if missing:
             raise ConfigError(f"local_ports lacks {', '.join(missing)}: give all of {', '.join(PORT_NAMES)}")
@@ -83,6 +86,8 @@ class StreamLink:
         self.accepted: dict[str, int] = dict.fromkeys(PORT_NAMES, 0)  # by port: clients never need to reconnect
         self.rtt_seconds: float | None = None
         self.window = WindowSizer()
+        # common/zmtp.py: greet clients as the kernel would; off for good once a kernel answers unlike Jupyter's
+        self.answer_handshakes = answer_handshakes
         self._resize_window = resize_window  # None: the transport's window is left as it was opened
         self._lock = threading.RLock()
         self._wake_writer = threading.Condition(self._lock)
@@ -282,9 +287,40 @@ class StreamLink:
             with self._lock:
                 self.accepted[name] += 1
                 self._clients[sock.fileno()] = client
+                if self.answer_handshakes:
+                    self._answer_handshake(client)
                 if self._mux is not None:
                     self._open_stream(client)
         return accept
+
+    def _answer_handshake(self, client: _Client) -> None:
+        """Greet the new client as the kernel's socket would (zmtp.py): its first message leaves at once."""
+        greeting = kernel_handshake(client.port_name)
+        try:
+            written = client.sock.send(greeting)
+        except OSError:
+            written = 0  # the reader finds out what happened to the socket
+        client.outbuf += greeting[written:]
+        client.unstreamed = len(greeting) - written
+        client.handshake = KernelHandshakeFilter()
+
+    def _from_kernel(self, client: _Client, stream: int, data: bytes) -> bytes | None:
+        """The stream's bytes minus the kernel's own handshake (credited at once); None: the client was closed."""
+        assert self._mux is not None and client.handshake is not None
+        try:
+            data, dropped = client.handshake.feed(data)
+        except HandshakeError as error:
+            log.warning("%s: %s; closing that connection, its client reconnects without the handshake shortcut",
+                        client.port_name, error)
+            self.answer_handshakes = False
+            self._mux.close(stream)
+            self._close_client(client)
+            return None
+        if dropped:
+            self._mux.consumed(stream, dropped)
+        if client.handshake.done:
+            client.handshake = None
+        return data
 
     def _client_reader(self, client: _Client) -> Callable[[], None]:
         def read() -> None:
@@ -338,8 +374,10 @@ class StreamLink:
             self._close_client(client)
             return
         del client.outbuf[:written]
-        if self._mux is not None and client.stream is not None:
-            self._mux.consumed(client.stream, written)
+        local = min(written, client.unstreamed)
+        client.unstreamed -= local
+        if self._mux is not None and client.stream is not None and written > local:
+            self._mux.consumed(client.stream, written - local)
 
     def _on_transport_readable(self) -> None:
         with self._lock:
@@ -370,6 +408,10 @@ class StreamLink:
         for kind, stream, value in events:
             client = self._streams.get(stream)
             if kind == "data":
+                if client is not None and client.handshake is not None:
+                    value = self._from_kernel(client, stream, value)
+                    if not value:
+                        continue
                 if client is None:
                     self._mux.consumed(stream, len(value))
                 elif client.outbuf:

@@ -14,6 +14,7 @@ from typing import Callable
 
 from ...common.mux import Mux, ProtocolError
 from ...common.reactor import Reactor
+from ...common.zmtp import ClientGate
 from .rundir import log
 
 READ_BYTES = 256 * 1024
@@ -42,6 +43,8 @@ class KernelConnection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.outbuf = bytearray()
+        self.gate = ClientGate()  # the laptop answered the client's handshake: see common/zmtp.py
+        self.held = bytearray()  # the client's bytes after its READY, until the kernel's READY went out
 
 
 class KernelStreams:
@@ -195,6 +198,10 @@ class KernelStreams:
         if conn is None:
             self.mux.consumed(stream, len(data))  # its connection ended here: let the sender go on
             return
+        data, later = conn.gate.from_client(data)
+        conn.held += later
+        if not data:
+            return
         if not conn.outbuf:  # straight to the kernel: only what it does not take now waits (no extra copy)
             try:
                 written = conn.sock.send(data)
@@ -229,6 +236,10 @@ class KernelStreams:
             data = b""
         if data:
             self.mux.send(stream, data)
+            if conn.gate.from_kernel(data) and conn.held:  # the kernel's READY is out: what the client sent next
+                conn.outbuf += conn.held
+                conn.held.clear()
+                self._write_conn(stream, conn)
         else:
             self._close_conn(stream)
             self.mux.close(stream)
