@@ -14,6 +14,8 @@ from watchdog.observers import Observer
 
 from .guard import guarded
 
+QUIET_SECONDS = 0.07  # an editor's save is done by then; above the engine's settle time (50 ms), so it goes now
+
 
 class _Collector(FileSystemEventHandler):
     def __init__(self, root: Path, add: Callable[[str], None]) -> None:
@@ -39,7 +41,7 @@ class BatchWatcher:
     the callback runs on the watcher's own thread with no lock held, so it may take its time.
     """
 
-    def __init__(self, root: Path, on_batch: Callable[[set[str]], None], *, quiet_seconds: float = 0.1,
+    def __init__(self, root: Path, on_batch: Callable[[set[str]], None], *, quiet_seconds: float = QUIET_SECONDS,
                  max_delay_seconds: float = 1.0) -> None:
         self.root = root
         self.on_batch = on_batch
