@@ -57,6 +57,11 @@ def test_the_pacer_keeps_rate_times_base_rtt_plus_the_queue_target_in_flight():
     slow.on_ack(1_000)
     assert slow.limit() == FLOOR_BYTES, "never below the floor"
     assert slow.queue_target_seconds == pytest.approx(0.05), "at most 50 ms of queue on a long path"
+    local = AckPacer(clock=clock)
+    local.on_send(100_000)
+    clock.now += 0.002
+    local.on_ack(100_000)
+    assert local.queue_target_seconds == pytest.approx(0.05), "a local path's queues are the CPUs': the most"
     assert pacer.frame_bytes() <= pacer.limit(), "several acks per round trip"
 
 

@@ -10,6 +10,7 @@ FLOOR_BYTES = 16 << 10  # 64 KiB would already be half a second of queue at 1 Mb
 QUEUE_SECONDS = 0.05  # the most queue allowed ahead of the kernel's messages
 QUEUE_SHARE = 0.25  # of the base round trip: a message never waits more than a quarter of the path's own time
 MIN_QUEUE_SECONDS = 0.01
+LOCAL_RTT_SECONDS = 0.01  # below this the path is local: its queues are the CPUs', not a link's
 _RATE_WINDOW_SECONDS = 1.0
 _MIN_RTT_WINDOW_SECONDS = 10.0
 
@@ -18,7 +19,7 @@ class AckPacer:
     """Keep in flight about rate x (base round trip + queue target), never below floor_bytes.
 
     The queue target is a quarter of the base round trip, 10 to 50 ms (``queue_seconds``): the kernel's messages
-    then take at most about 1.25 times their idle time while an upload runs.
+    then take at most about 1.25 times their idle time while an upload runs. A local path (under 10 ms) gets 50 ms.
 
     Everything the laptop sends the VM shares one SSH connection: bytes in flight beyond what the link carries in one
     round trip only queue, ahead of the kernel's messages and the lease renewals. Each ack names the bytes the
@@ -68,8 +69,14 @@ class AckPacer:
 
     @property
     def queue_target_seconds(self) -> float:
-        """How much queue the bytes in flight may build: a share of the base round trip, within limits."""
+        """How much queue the bytes in flight may build: a share of the base round trip, within limits.
+
+        On a path of a few milliseconds (a LAN, loopback) the link is not what delays the acks, the CPUs along the
+        way are: a share of the round trip would starve the upload there, so it gets the most.
+        """
         rtt = self.base_rtt_seconds or 0.0
+        if rtt < LOCAL_RTT_SECONDS:
+            return self.queue_seconds
         return min(self.queue_seconds, max(MIN_QUEUE_SECONDS, QUEUE_SHARE * rtt))
 
     def room(self) -> int:
