@@ -248,7 +248,7 @@ class StreamLink:
             if mux is None or self._transport is None or not self._reading:
                 return
             if silent <= self.silence_seconds:
-                sizing_interval = max(SIZING_MIN_SECONDS, self.rtt_seconds or self.keepalive_seconds)
+                sizing_interval = max(SIZING_MIN_SECONDS, self.window.base_rtt or self.keepalive_seconds)
                 if now >= self._next_keepalive:
                     self._next_keepalive, self._next_sizing = now + self.keepalive_seconds, now + sizing_interval
                     mux.flush_acks()
