@@ -260,7 +260,7 @@ class StreamLink:
                     # once per keepalive, as a busy CPU delays single pongs too. A short path never needs more than
                     # the first window: it is left alone.
                     self._next_sizing = now + sizing_interval
-                    if self.window.receiving and (self.rtt_seconds or 0) >= SIZING_MIN_RTT_SECONDS:
+                    if self.window.receiving and (self.window.base_rtt or 0) >= SIZING_MIN_RTT_SECONDS:
                         mux.ping(time.monotonic_ns())
                         self._wake_writer.notify()
                         self._size_window(may_shrink=False)
