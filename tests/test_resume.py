@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from faults import Blackhole, Fault, RelayDown, TunnelDown, hang_vm_bridge
+from faults import Blackhole, Fault, RelayDown, TunnelDown, VmLegHang
 from helpers import execute, kernel_manager, relay_config, running_kernel, vm_pids, wait_until
 from linkemu import LinkEmulator, through_link
 
@@ -77,7 +77,8 @@ FAULTS: dict[str, Callable[[Path_], Fault]] = {
     "laptop-leg-reset": lambda p: ResetOnce(p.emulator),
     "vm-tunnel-restart": lambda p: TunnelDown(p.sandbox),
     "relay-restart": lambda p: RelayDown(p.sandbox),
-    "vm-leg-hang": lambda p: hang_vm_bridge(p.sandbox),
+    # The whole VM leg stops; the tunnel the VM's ssh may give up meanwhile is started again, as the cell's keeper does
+    "vm-leg-hang": lambda p: VmLegHang(p.sandbox),
 }
 
 
