@@ -170,24 +170,23 @@ class SSHChain:
                                        transports[-1] if len(transports) == len(self.hops) else None)
         if channel is None:
             channel = self._launch(python_argv, program, args, window_bytes)
-        try:
-            channel.sendall(first_lines)
-        except (paramiko.SSHException, OSError, EOFError) as error:
-            if channel.exit_status_ready():  # the command ended at once (no such python): the caller reads why
-                return channel
-            channel.close()
-            raise LinkDown(VM, self.vm_label, f"starting a program on the VM failed: {_reason(error)}",
-                           "relaykernel reconnects by itself; if this persists, check the VM's tunnel") from None
-        return channel
+        return self._send_start(channel, first_lines)
 
     def _launch(self, python_argv: Sequence[str], program: bytes, args: Sequence[str],
                 window_bytes: int | None) -> paramiko.Channel:
         """A new session running the bootstrap, with ``program`` sent (args: the program's sys.argv[1:])."""
         channel = self.open_session(window_bytes)
         command = shlex.join([*python_argv, "-c", BOOTSTRAP, *args])
+        return self._send_start(channel, b"%d\n" % len(program) + program, command)
+
+    def _send_start(self, channel: paramiko.Channel, data: bytes, command: str | None = None) -> paramiko.Channel:
+        """Exec ``command`` (if given) and send the program its input; a channel whose command already ended goes
+        back for the caller to read why (no such python: status 126/127 and the shell's message), any other failure
+        is LinkDown."""
         try:
-            _exec_without_waiting(channel, command)
-            channel.sendall(b"%d\n" % len(program) + program)
+            if command is not None:
+                _exec_without_waiting(channel, command)
+            channel.sendall(data)
         except (paramiko.SSHException, OSError, EOFError) as error:
             if channel.exit_status_ready():
                 return channel
