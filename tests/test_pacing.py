@@ -13,7 +13,7 @@ def run(sizer: WindowSizer, *, base_rtt: float, rate: float, seconds: int) -> in
         now += 1.0
         queue_seconds = max(0.0, sizer.window - rate * base_rtt) / rate
         sizer.observe_rtt(base_rtt + queue_seconds, now)
-        sizer.observe_bytes(int(min(rate, sizer.window / base_rtt)))
+        sizer.observe_bytes(int(min(rate, sizer.window / base_rtt)), now - 1.0)
         sizer.update(now)
     return sizer.window
 
@@ -43,6 +43,24 @@ def test_a_window_limited_long_path_grows_even_though_its_pongs_wait_for_window_
     for _ in range(3):
         now += 1.0
         sizer.observe_rtt(0.30, now)  # one window of data ahead of it
-        sizer.observe_bytes(int(sizer.window / 0.15))  # window-limited: a window per round trip
+        sizer.observe_bytes(int(sizer.window / 0.15), now - 1.0)  # window-limited: a window per round trip
         sizer.update(now)
     assert sizer.window == MAXIMUM_BYTES
+
+
+def test_an_output_after_an_idle_spell_is_judged_by_its_own_rate() -> None:
+    """Idle since the last sizing, then one window in the first round trip of an output: it grows at once."""
+    sizer = WindowSizer()
+    sizer.observe_rtt(0.15, 0.0)
+    sizer.update(0.0)
+    first = sizer.window
+    sizer.observe_bytes(first, 5.0)  # the kernel starts printing five seconds later; a full window comes in
+    assert sizer.update(5.1) == 4 * first
+
+
+def test_one_early_packet_is_no_rate() -> None:
+    sizer = WindowSizer()
+    sizer.observe_rtt(0.05, 0.0)
+    sizer.update(0.0)
+    sizer.observe_bytes(32 * 1024, 5.0)
+    assert sizer.update(5.001) == sizer.window == 2 * 1024 * 1024

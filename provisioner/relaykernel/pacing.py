@@ -31,6 +31,7 @@ class WindowSizer:
         self._rtts: deque[tuple[float, float]] = deque()  # (when, round trip)
         self._received = 0
         self._since = time.monotonic()
+        self._first_byte = self._since  # when the first byte since the last update came
         self._latest_rtt: float | None = None
 
     def observe_rtt(self, seconds: float, now: float | None = None) -> None:
@@ -40,7 +41,9 @@ class WindowSizer:
         while self._rtts and self._rtts[0][0] < now - BASE_RTT_MEMORY_SECONDS:
             self._rtts.popleft()
 
-    def observe_bytes(self, count: int) -> None:
+    def observe_bytes(self, count: int, now: float | None = None) -> None:
+        if not self._received:
+            self._first_byte = time.monotonic() if now is None else now
         self._received += count
 
     @property
@@ -55,12 +58,15 @@ class WindowSizer:
     def update(self, now: float | None = None, *, may_shrink: bool = True) -> int:
         """The window for the next interval, from what was seen since the last call (``may_shrink``: or only grow)."""
         now = time.monotonic() if now is None else now
-        elapsed, received = max(now - self._since, 1e-3), self._received
+        started, received = max(self._since, self._first_byte), self._received
         self._since, self._received = now, 0
         base, latest = self.base_rtt, self._latest_rtt
         if base is None or latest is None:
             return self.window
-        rate = received / elapsed
+        # The rate while bytes came: an output that starts mid-interval is not diluted by the idle part before it
+        # (the first sizing of a transfer sees its real rate, a round trip sooner), over at least half a base round
+        # trip (a single early packet is no rate).
+        rate = received / max(now - started, base / 2, 1e-3)
         fitting = max(self.minimum_bytes, int(rate * (base + self.queue_target_seconds)))
         # A queue is real only when the rate does not need the window: a full window also delays the pong (it
         # waits for window credit like any byte of the channel), which is no reason to shrink.
