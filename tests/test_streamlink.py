@@ -6,6 +6,7 @@ tests run the real supervisor through real OpenSSH.
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ class EchoVM:
 
     def __init__(self) -> None:
         self.mux = Mux()
+        self.seen: list[str] = []  # the kinds of events, in order
         self.sock: socket.socket | None = None
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -68,6 +70,9 @@ class EchoVM:
                     self.sock = None
                     continue
                 for kind, stream, value in self.mux.feed(data or b""):
+                    self.seen.append(kind)
+                    if kind == "control" and value.get("op") == "signal":
+                        self.mux.control({"event": "signalled", "signum": value["signum"]})
                     if kind == "data":
                         self.mux.send(stream, value.upper())
                         self.mux.consumed(stream, len(value))
@@ -172,3 +177,23 @@ def test_a_session_end_closes_its_clients_and_the_next_kernel_gets_new_ones(link
 
 def test_control_requests_time_out_without_a_session(link: StreamLink) -> None:
     assert link.request({"op": "status"}, {"status"}, 0.2) is None
+
+
+def test_a_posted_control_line_goes_ahead_of_later_bytes_and_its_answer_comes_back_later(link: StreamLink,
+                                                                                         vm: EchoVM) -> None:
+    link.begin_session(vm.transport(resume=False))
+    client = connect(link, "control_port")
+    client.sendall(b"a")
+    assert receive(client, 1) == b"A"
+    answers: queue.Queue[dict | None] = queue.Queue()
+    vm.seen.clear()
+    assert link.post({"op": "signal", "signum": 2}, {"signalled"}, 5.0, answers.put)
+    client.sendall(b"b")  # a shutdown_request right after an interrupt: the signal must reach the VM first
+    assert receive(client, 1) == b"B"
+    assert answers.get(timeout=5) == {"event": "signalled", "signum": 2}
+    assert vm.seen.index("control") < vm.seen.index("data")
+    assert link.post({"op": "unheard-of"}, {"never"}, 0.3, answers.put)
+    assert answers.get(timeout=5) is None, "an unanswered line is reported once its time is up"
+    link.end_session()
+    assert not link.post({"op": "signal", "signum": 2}, {"signalled"}, 5.0, answers.put), "no session: not sent"
+    client.close()

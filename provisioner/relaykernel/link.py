@@ -61,10 +61,18 @@ class _Client:
 
 
 class _Waiter:
-    def __init__(self, answers: set[str]) -> None:
+    def __init__(self, answers: set[str], on_answer: Callable[[dict[str, Any] | None], None] | None = None,
+                 deadline: float = float("inf")) -> None:
         self.answers = answers | _FINAL_EVENTS | {"error"}
         self.event: dict[str, Any] | None = None
         self.done = threading.Event()
+        self.on_answer, self.deadline = on_answer, deadline  # post(): told later, nobody waits
+
+    def answer(self, event: dict[str, Any] | None) -> None:
+        self.event = event
+        self.done.set()
+        if self.on_answer is not None:
+            self.on_answer(event)
 
 
 class StreamLink:
@@ -217,6 +225,19 @@ class StreamLink:
                 self._waiters.remove(waiter)
         return waiter.event
 
+    def post(self, message: dict[str, Any], answers: set[str], timeout_seconds: float,
+             on_answer: Callable[[dict[str, Any] | None], None]) -> bool:
+        """Send a control line without waiting for its answer: ``on_answer`` gets it (or a final event) on the link's
+        thread, or None after ``timeout_seconds``. False when there is no session to send it on. A line sent while
+        the link is down goes after the reconnect, ahead of any stream byte queued after it."""
+        with self._lock:
+            if self._mux is None:
+                return False
+            self._waiters.append(_Waiter(answers, on_answer, time.monotonic() + timeout_seconds))
+            self._mux.control(message)
+            self._wake_writer.notify()
+        return True
+
     def buffered_bytes(self) -> int:
         with self._lock:
             return 0 if self._mux is None else self._mux.buffered_bytes()
@@ -244,6 +265,7 @@ class StreamLink:
 
     def _tick(self, now: float) -> None:
         with self._lock:
+            self._expire_waiters(now)
             mux, silent = self._mux, now - self._last_heard
             if mux is None or self._transport is None or not self._reading:
                 return
@@ -435,9 +457,8 @@ class StreamLink:
         name = event.get("event")
         for waiter in list(self._waiters):
             if name in waiter.answers:
-                waiter.event = event
-                waiter.done.set()
                 self._waiters.remove(waiter)
+                waiter.answer(event)
                 break
         if name in _FINAL_EVENTS:
             self.on_final(event)
@@ -525,10 +546,14 @@ class StreamLink:
         client.sock.close()
 
     def _fail_waiters(self, event: dict[str, Any]) -> None:
-        for waiter in self._waiters:
-            waiter.event = event
-            waiter.done.set()
-        self._waiters.clear()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.answer(event)
+
+    def _expire_waiters(self, now: float) -> None:
+        for waiter in [w for w in self._waiters if w.deadline <= now]:
+            self._waiters.remove(waiter)
+            waiter.answer(None)
 
     def _close_listeners(self) -> None:
         for listener in self._listeners:

@@ -145,14 +145,28 @@ class RelayedKernel:
         return None if final is None else exit_status_of(final)
 
     def signal(self, signum: int) -> None:
-        """Deliver a signal to the remote kernel (SIGINT interrupts it)."""
-        link, timeout = self.link, self.options.command_timeout_seconds
-        if link is None or self.remote is None or self.final is not None:
+        """Send a signal to the remote kernel (SIGINT interrupts it); returns once it is on its way.
+
+        Nothing waits for the VM's confirmation (a round trip off every interrupt, restart and shutdown): the
+        request rides the streams' channel ahead of any client byte sent after it, so the kernel gets the signal
+        before the next request (a restart's shutdown_request). A missing or failed confirmation is logged.
+        """
+        link, remote, timeout = self.link, self.remote, self.options.command_timeout_seconds
+        if link is None or remote is None or self.final is not None:
             return
-        event = link.request({"op": "signal", "signum": int(signum)}, {"signalled"}, timeout)
-        if event is None or event.get("event") != "signalled":
-            raise LinkDown(KERNEL, self.remote.chain.vm_label, f"signal {signum} could not be delivered",
-                           "the link is down; relaykernel reconnects by itself, then try again")
+        vm = remote.chain.vm_label
+
+        def confirmed(event: dict[str, Any] | None) -> None:
+            name = None if event is None else event.get("event")
+            if name == "signalled" or name in ("exited", "gone"):
+                return  # delivered, or the kernel ended anyway
+            why = f"no answer in {timeout:g} s" if event is None else event.get("message", name)
+            log.warning("%s: signal %d to the kernel was not confirmed (%s); relaykernel reconnects by itself, "
+                        "then interrupt again", vm, signum, why)
+
+        if not link.post({"op": "signal", "signum": int(signum)}, {"signalled"}, timeout, confirmed):
+            raise LinkDown(KERNEL, vm, f"signal {signum} could not be sent: the kernel's session is gone",
+                           "start the kernel again")
 
     def stop_kernel(self) -> int | None:
         """Stop the remote kernel and its supervisor; keep the link and the listeners (for a restart).
