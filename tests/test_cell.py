@@ -81,9 +81,10 @@ class Cell:
     def tunnel(self) -> str:
         return self.status().get("tunnel", {}).get("status", "")
 
-    def wait_for_tunnel(self, wanted: str, timeout: float = UP_SECONDS) -> bool:
-        return bool(wait_until(lambda: self.tunnel() == wanted or self.process.poll() is not None, timeout)) and \
-            self.tunnel() == wanted
+    def wait_for_tunnel(self, *wanted: str, timeout: float = UP_SECONDS) -> bool:
+        """True once the tunnel's status is one of ``wanted`` (False if the cell ended or the time ran out)."""
+        return bool(wait_until(lambda: self.tunnel() in wanted or self.process.poll() is not None, timeout)) and \
+            self.tunnel() in wanted
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -109,7 +110,7 @@ def authorize_when_made(vm: CellTopology, cell: Cell, storage: Path) -> None:
 def bring_up(vm: CellTopology, cell: Cell, storage: Path) -> Cell:
     """The first run through to a tunnel that is up."""
     authorize_when_made(vm, cell, storage)
-    assert cell.wait_for_tunnel("up", 40), cell.output()
+    assert cell.wait_for_tunnel("up", timeout=40), cell.output()
     return cell
 
 
@@ -164,14 +165,14 @@ def tunnel_ssh_pids(vm: CellTopology) -> list[int]:
 def test_root_cell_first_run_tunnel_kernel_env_and_recovery(vm, tmp_path, root_state):
     storage = tmp_path / "drive"
     cell = start_cell(vm, tmp_path, storage, root_state)
-    assert cell.wait_for_tunnel("refused") or cell.wait_for_tunnel("down"), cell.output()
+    assert cell.wait_for_tunnel("refused", "down"), cell.output()
     output = cell.output()
     assert "relaykernel trust cellvm --fingerprint SHA256:" in output
     assert 'permitlisten="127.0.0.1:' in output, "the cell must print the relay's authorized_keys line"
     tunnel_key = (storage / "tunnel_ed25519_key.pub").read_text().strip()
     assert tunnel_key in output
     vm.authorize_tunnel_key(tunnel_key)
-    assert cell.wait_for_tunnel("up", 40), cell.output()
+    assert cell.wait_for_tunnel("up", timeout=40), cell.output()
 
     ssh_config = vm.laptop_ssh_config("root", [])
     printed = re.search(r"relaykernel trust cellvm --fingerprint (SHA256:\S+)", output).group(1)
@@ -191,7 +192,7 @@ def test_root_cell_first_run_tunnel_kernel_env_and_recovery(vm, tmp_path, root_s
         for pid in tunnel_ssh_pids(vm):
             os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda: cell.tunnel() != "up", 5)
-        assert cell.wait_for_tunnel("up", 10), f"the tunnel was not back within 10 s: {cell.status()}"
+        assert cell.wait_for_tunnel("up", timeout=10), f"the tunnel was not back within 10 s: {cell.status()}"
         client.wait_for_ready(timeout=30)
         out, _ = execute(client, "x += 1; print(x)", timeout_seconds=30)
         assert out.strip() == "42", "the kernel started before the cut must keep its state"
@@ -213,7 +214,7 @@ def test_a_recycled_vm_with_the_same_storage_keeps_its_host_key(vm, tmp_path, ro
     vm.kill_vm()
     shutil.rmtree(root_state)  # a new VM: nothing local survives, only the storage
     second = start_cell(vm, tmp_path, storage, root_state)
-    assert second.wait_for_tunnel("up", 40), second.output()
+    assert second.wait_for_tunnel("up", timeout=40), second.output()
     km, client = relay_kernel(vm, tmp_path, vm_user="root", known=known)  # the same known_hosts, unedited
     try:
         out, _ = execute(client, "print('again')")
@@ -381,7 +382,7 @@ def test_checkpoints_reach_storage_and_a_fresh_vm_restores_them_before_the_first
         vm.kill_vm()
         subprocess.run(["rm", "-rf", workdir, str(root_state)], check=True)  # a fresh VM: only storage survives
         again = start_cell(vm, tmp_path, storage / "relaykernel", root_state, workdir=workdir)
-        assert again.wait_for_tunnel("up", 40), again.output()
+        assert again.wait_for_tunnel("up", timeout=40), again.output()
         assert "restored 2 file(s) from the last checkpoint" in again.output()
         km, client = relay_kernel(vm, tmp_path, vm_user="root", known=[], ssh_config=ssh_config,
                                   remote_workdir=workdir)

@@ -136,3 +136,17 @@ def test_stop_while_ssh_is_being_started_ends_that_ssh(tmp_path: Path, monkeypat
                 process.wait(5)
         silent.close()
     assert os.path.exists(tmp_path / "tunnel.log")
+
+
+def test_the_tunnel_retries_every_few_seconds_until_it_was_first_up_then_backs_off_fully() -> None:
+    def delays(*, ever_up: bool, running_seconds: float) -> list[float]:
+        delay, seen = 1.0, []
+        for _ in range(7):
+            delay = tunnel_module.next_delay(delay, ever_up=ever_up, running_seconds=running_seconds,
+                                             max_backoff_seconds=30.0)
+            seen.append(delay)
+        return seen
+
+    assert delays(ever_up=False, running_seconds=60) == [2, 4, 4, 4, 4, 4, 4], "the relay is being set up"
+    assert delays(ever_up=True, running_seconds=60) == [2, 4, 8, 16, 30, 30, 30]
+    assert delays(ever_up=False, running_seconds=3600)[-1] == 30, "a relay nobody sets up is not hammered for ever"

@@ -154,7 +154,7 @@ class HeartbeatCell:
             identity_file=self.tunnel_key.private_file, known_hosts_file=known_hosts,
             log_file=settings.state_dir / "tunnel.log", ssh_options=settings.ssh_options,
         ).start()
-        self.tunnel.wait_until_up(_FIRST_UP_SECONDS)
+        self.tunnel.wait_until_up(_FIRST_UP_SECONDS, or_failed=True)  # a first run prints the relay's key line now
         return sshd
 
     def _set_up_checkpoints(self) -> None:

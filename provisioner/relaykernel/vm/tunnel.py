@@ -21,7 +21,16 @@ _FORWARD_REFUSED = re.compile(r"remote port forwarding failed for listen port (\
 _FAILURE = re.compile(r"denied|refused|failed|error|could not|closed|timed out|verification|no route|not known",
                       re.IGNORECASE)
 _FIRST_RETRY_SECONDS = 1.0
+SETUP_BACKOFF_SECONDS = 4.0  # the cap before the first success: someone is setting the relay up right now
+SETUP_SPELL_SECONDS = 600.0  # ... for this long after the start; then the full backoff
 _STOP_SECONDS = 10.0
+
+
+def next_delay(delay: float, *, ever_up: bool, running_seconds: float, max_backoff_seconds: float) -> float:
+    """The wait before the next ssh: doubling, capped. Before the first success the user is most likely adding the
+    printed key to the relay, so for a while the cap is a few seconds: the tunnel comes up soon after that."""
+    setting_up = not ever_up and running_seconds < SETUP_SPELL_SECONDS
+    return min(delay * 2, min(SETUP_BACKOFF_SECONDS, max_backoff_seconds) if setting_up else max_backoff_seconds)
 
 
 @dataclass(frozen=True)
@@ -98,20 +107,25 @@ class TunnelSupervisor:
             self._thread.join(_STOP_SECONDS)
         self._set(STOPPED, "stopped on request")
 
-    def wait_until_up(self, timeout_seconds: float) -> bool:
+    def wait_until_up(self, timeout_seconds: float, *, or_failed: bool = False) -> bool:
+        """True once the forward is up; with ``or_failed``, also stop waiting when an attempt failed (the relay does
+        not know the key yet: the user needs to be told that now, not after the timeout)."""
         deadline = time.monotonic() + timeout_seconds
-        while self.state.status != UP and time.monotonic() < deadline and not self._stopping.is_set():
+        settled = (UP, DOWN, REFUSED) if or_failed else (UP,)
+        while self.state.status not in settled and time.monotonic() < deadline and not self._stopping.is_set():
             time.sleep(0.05)
         return self.state.status == UP
 
     def _run(self) -> None:
-        delay, restarts = _FIRST_RETRY_SECONDS, 0
+        delay, restarts, started, ever_up = _FIRST_RETRY_SECONDS, 0, time.monotonic(), False
         while not self._stopping.is_set():
             if self._guarded_run_once(restarts):  # it was up: a cut link comes back at once, not after the last backoff
-                delay = _FIRST_RETRY_SECONDS
+                delay, ever_up = _FIRST_RETRY_SECONDS, True
             if self._stopping.wait(delay):
                 return
-            delay, restarts = min(delay * 2, self.max_backoff_seconds), restarts + 1
+            delay = next_delay(delay, ever_up=ever_up, running_seconds=time.monotonic() - started,
+                               max_backoff_seconds=self.max_backoff_seconds)
+            restarts += 1
 
     def _guarded_run_once(self, restarts: int) -> bool:
         """One ssh run; an unexpected failure is logged with its traceback and the loop goes on."""
