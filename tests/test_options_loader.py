@@ -11,6 +11,7 @@ import re
 import struct
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -136,15 +137,22 @@ def test_the_server_config_section_applies_to_every_front(tmp_path, config_dir):
     assert options.sources["heartbeat_seconds"] == "a Jupyter config file"
 
 
-def test_flags_are_generated_from_the_traits_per_subcommand():
-    def flags(command: str) -> str:
-        return relaykernel(command, "--help").stdout
+def in_parallel(runs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """Each command line's result; they run at once (each is mostly a Python start)."""
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        futures = {name: pool.submit(relaykernel, *args) for name, args in runs.items()}
+        return {name: future.result() for name, future in futures.items()}
 
-    assert "--lease-seconds SECONDS" in flags("launch") and "(default: 600.0)" in flags("launch")
+
+def test_flags_are_generated_from_the_traits_per_subcommand():
+    commands = ("launch", "trust", "sync", "checkpoint", "cell")
+    results = in_parallel({**{command: [command, "--help"] for command in commands}, "version": ["--version"]})
+    flags = {command: results[command].stdout for command in commands}
+    assert "--lease-seconds SECONDS" in flags["launch"] and "(default: 600.0)" in flags["launch"]
     for command in ("trust", "sync", "checkpoint"):
-        assert "--lease-seconds" not in flags(command) and "--remote-workdir" not in flags(command), command
-    assert "--heartbeat-seconds SECONDS" in flags("cell")
-    assert relaykernel("--version").stdout.strip().startswith("relaykernel ")
+        assert "--lease-seconds" not in flags[command] and "--remote-workdir" not in flags[command], command
+    assert "--heartbeat-seconds SECONDS" in flags["cell"]
+    assert results["version"].stdout.strip().startswith("relaykernel ")
 
 
 def test_debug_is_accepted_after_the_subcommand_and_shows_timed_steps(tmp_path, config_dir):
@@ -202,8 +210,8 @@ def test_debug_shows_timed_steps_for_every_subcommand(tmp_path, config_dir):
         "checkpoint": [NOWHERE, "list", *quick],
         "cell": ["--relay", "me@relay", "--authorize", str(key)],
     }
-    for command, arguments in commands.items():
-        result = relaykernel(command, *arguments, "--debug")
+    results = in_parallel({command: [command, *arguments, "--debug"] for command, arguments in commands.items()})
+    for command, result in results.items():
         for step in ("loading the options", f"relaykernel {command}"):
             stamp = r"\[D \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} relaykernel\.step\] "
             pattern = stamp + re.escape(step) + r": (done in|failed after) \d+\.\d{3} s"
