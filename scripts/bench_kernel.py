@@ -536,8 +536,10 @@ def in_round_trips(label: str, field: str, samples: dict[str, list[Sample]], loc
     return Row(label, ours, theirs, 1)
 
 
-def profile_rows(profile: Profile, samples: dict[str, list[Sample]], local: list[Sample], mib: int) -> list[Row]:
-    """The table of one profile: seconds, round trips, latency, throughput, and the cost of resumability."""
+def profile_rows(profile: Profile, samples: dict[str, list[Sample]], local: list[Sample], mib: int,
+                 at_zero: dict[str, list[Sample]] | None = None) -> list[Row]:
+    """The table of one profile: seconds, round trips, latency, throughput, and the cost of resumability
+    (``at_zero``: the RTT 0 profile's samples, to tell a window-bound rate from a CPU-bound one)."""
     def row(label: str, field: str, scale: float, digits: int, names: tuple[str, str] = (RELAYKERNEL, OPENSSH)) -> Row:
         ours, theirs = (median_of(samples[name], field) * scale for name in names)
         return Row(label, ours, theirs, digits)
@@ -561,6 +563,10 @@ def profile_rows(profile: Profile, samples: dict[str, list[Sample]], local: list
         most = 3.0 if profile.rtt_ms >= 150 else 1.0
         output.target, output.met = f"≥ {most:g}×", (output.ratio or 0) >= most
     rows.append(output)
+    if wan and profile.down_mbit is None and at_zero is not None:
+        ours0, theirs0 = (median_of(at_zero[name], "output_mb_per_s") for name in (RELAYKERNEL, OPENSSH))
+        rows.append(Row("  ÷ its own rate at RTT 0", output.ours / ours0, (output.theirs or 0) / theirs0,
+                        2))
     if profile.down_mbit is not None:
         link_mb_per_s = profile.down_mbit / 8
         share = Row("  share of the link's rate", output.ours / link_mb_per_s, (output.theirs or 0) / link_mb_per_s, 2,
@@ -597,7 +603,9 @@ def render(results: dict[str, Any], plan: Plan) -> tuple[str, dict[str, list[Row
     tables: dict[str, list[Row]] = {}
     for profile in plan.profiles:
         mib = plan.output_mib_for(profile)
-        tables[profile.name] = rows = profile_rows(profile, results["profiles"][profile.name], local, mib)
+        at_zero = next((results["profiles"][p.name] for p in plan.profiles if p.rtt_ms == 0 and not p.direct
+                        and p.down_mbit is None and plan.output_mib_for(p) == mib), None)
+        tables[profile.name] = rows = profile_rows(profile, results["profiles"][profile.name], local, mib, at_zero)
         lines += ["", f"== {profile.describe()} ({round_trips_for(profile)} round trips timed)", *render_rows(rows)]
     slopes = slope_rows(plan, results["profiles"])
     if slopes:
@@ -653,7 +661,8 @@ def notes(results: dict[str, Any], plan: Plan) -> list[str]:
         "ratio = relaykernel / OpenSSH (for MB/s too). Times end at the first kernel_info reply. Round trips = the",
         "slope of a step's median time over RTT (least squares across the links without a rate limit), as issue 15",
         "counted its 16.9; (time − local) ÷ RTT also counts fixed costs. Rate-limited downlinks print less (about 8 s",
-        "of the link).",
+        "of the link). '÷ its own rate at RTT 0': the print's rate over the same contender's at RTT 0, where the",
+        "machine's CPU is the limit; near 1, the window is not what limits the rate on that path.",
         f"Not counted: OpenSSH's connection-file write before its start, median {statistics.median(openssh_writes):.3f}"
         f" s (one more ssh through the relay); relaykernel's one-time import in a fresh process, "
         f"{results['machine']['first_import_s']:.3f} s.",
