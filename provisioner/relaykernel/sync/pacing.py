@@ -6,7 +6,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-FLOOR_BYTES = 16 << 10  # 64 KiB would already be half a second of queue at 1 Mbit/s
+FLOOR_BYTES = 8 << 10  # about a round trip of 1 Mbit/s at 50 ms: 16 KiB queued 80 ms more ahead of the kernel
 QUEUE_SECONDS = 0.05  # the most queue allowed ahead of the kernel's messages
 QUEUE_SHARE = 0.25  # of the base round trip: a message never waits more than a quarter of the path's own time
 MIN_QUEUE_SECONDS = 0.01
@@ -115,5 +115,6 @@ class AckPacer:
             self._rates.popleft()
 
     def frame_bytes(self) -> int:
-        """A frame size that gives several acks per round trip: an eighth of the limit, 4 KiB to 1 MiB."""
-        return min(1 << 20, max(4 << 10, self.limit() // 8))
+        """A frame size that gives several acks per round trip: an eighth of the limit, 2 KiB to 1 MiB (a frame's
+        own send time counts in the round trip it measures: 4 KiB are 33 ms at 1 Mbit/s)."""
+        return min(1 << 20, max(2 << 10, self.limit() // 8))
