@@ -35,7 +35,7 @@ WRITE_CHUNK_BYTES = 256 * 1024
 SIZING_MIN_SECONDS = 0.1  # the window is sized every round trip, at most this often
 SIZING_MIN_RTT_SECONDS = 0.02  # below this the first window (2 MiB) is never what limits the rate
 _LISTEN_BACKLOG = 128
-_FINAL_EVENTS = {"exited", "gone"}
+FINAL_EVENTS = {"exited", "gone"}  # the kernel ended, or its session did: they answer any waiting request
 
 
 class Transport(Protocol):
@@ -63,7 +63,7 @@ class _Client:
 class _Waiter:
     def __init__(self, answers: set[str], on_answer: Callable[[dict[str, Any] | None], None] | None = None,
                  deadline: float = float("inf")) -> None:
-        self.answers = answers | _FINAL_EVENTS | {"error"}
+        self.answers = answers | FINAL_EVENTS | {"error"}
         self.event: dict[str, Any] | None = None
         self.done = threading.Event()
         self.on_answer, self.deadline = on_answer, deadline  # post(): told later, nobody waits
@@ -460,7 +460,7 @@ class StreamLink:
                 self._waiters.remove(waiter)
                 waiter.answer(event)
                 break
-        if name in _FINAL_EVENTS:
+        if name in FINAL_EVENTS:
             self.on_final(event)
 
     def _size_window(self, *, may_shrink: bool) -> None:

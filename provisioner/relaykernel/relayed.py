@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from .common.errors import KERNEL, LinkDown, OperationTimeout, RelayKernelError
 from .keeper import LinkKeeper
-from .link import StreamLink
+from .link import FINAL_EVENTS, StreamLink
 from .options import RelayOptions
 from .remote import Handshake, RemoteKernel, exit_status_of
 from .ssh.chain import ChainPolicy, SSHChain
@@ -158,7 +158,7 @@ class RelayedKernel:
 
         def confirmed(event: dict[str, Any] | None) -> None:
             name = None if event is None else event.get("event")
-            if name == "signalled" or name in ("exited", "gone"):
+            if name == "signalled" or name in FINAL_EVENTS:
                 return  # delivered, or the kernel ended anyway
             why = f"no answer in {timeout:g} s" if event is None else event.get("message", name)
             log.warning("%s: signal %d to the kernel was not confirmed (%s); relaykernel reconnects by itself, "
