@@ -563,8 +563,7 @@ def profile_rows(profile: Profile, samples: dict[str, list[Sample]], local: list
     rows.append(output)
     if wan and profile.down_mbit is None and at_zero is not None:
         ours0, theirs0 = (median_of(at_zero[name], "output_mb_per_s") for name in (RELAYKERNEL, OPENSSH))
-        rows.append(Row("  ÷ its own rate at RTT 0", output.ours / ours0, (output.theirs or 0) / theirs0,
-                        2))
+        rows.append(Row("  ÷ its own rate at RTT 0", output.ours / ours0, (output.theirs or 0) / theirs0, 2))
     if profile.down_mbit is not None:
         link_mb_per_s = profile.down_mbit / 8
         share = Row("  share of the link's rate", output.ours / link_mb_per_s, (output.theirs or 0) / link_mb_per_s, 2,
@@ -631,8 +630,8 @@ def slope_rows(plan: Plan, samples: dict[str, dict[str, list[Sample]]]) -> list[
     if len({p.rtt_ms for p in plain}) < 2:
         return []
     rows = []
-    for label, field, most in (("cold start, round trips", "cold_start_s", 12), ("restart, round trips", "restart_s",
-                                                                                  5)):
+    steps = (("cold start, round trips", "cold_start_s", 12), ("restart, round trips", "restart_s", 5))
+    for label, field, most in steps:
         fits = [fit_line([(p.rtt_ms / 1000, median_of(samples[p.name][who], field)) for p in plain])
                 for who in (RELAYKERNEL, OPENSSH)]
         (ours, fixed), (theirs, their_fixed) = fits
