@@ -6,16 +6,20 @@ import contextlib
 import os
 import pwd
 import subprocess
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
+from paramiko.common import MSG_SERVICE_REQUEST, MSG_USERAUTH_REQUEST
 
 from helpers import VM_ALIAS, wait_until, write_ssh_config
 from relaykernel.options import RelayOptions
 from relaykernel.relayed import build_chain
 from relaykernel.sandbox.sshd import SshdServer
+from relaykernel.ssh.auth import _PipelinedAuth
 
 
 @pytest.fixture
@@ -99,3 +103,37 @@ def test_a_refused_key_then_an_rsa_key_log_in_with_pipelined_requests(rsa_sshd, 
         assert (status, out.strip()) == (0, "hello from the bootstrap")
     finally:
         chain.close()
+
+
+class _InstantAccept:
+    """The transport side of a zero-delay path: the server's service accept is handled before the send returns."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.server_extensions: dict[str, bytes] = {}
+        self.session_id = b"s" * 32
+        self.sent: list[int] = []
+        self.handler: _PipelinedAuth | None = None
+
+    def _log(self, *args: object) -> None:
+        pass
+
+    def _send_message(self, message: paramiko.Message) -> None:
+        kind = message.asbytes()[0]
+        self.sent.append(kind)
+        if kind == MSG_SERVICE_REQUEST:
+            accepted = paramiko.Message()
+            accepted.add_string("ssh-userauth")
+            accepted.rewind()
+            assert self.handler is not None
+            self.handler._parse_service_accept(accepted)
+
+
+def test_a_service_accept_read_at_once_still_gets_one_userauth_request():
+    """On a short path the accept can be handled before the pipelining decision: never two userauth requests (the
+    server answers the second, after its success, with UNIMPLEMENTED)."""
+    transport = _InstantAccept()
+    handler = _PipelinedAuth(transport)
+    transport.handler = handler
+    handler.auth_publickey("someone", paramiko.ECDSAKey.generate(bits=256), threading.Event())
+    assert transport.sent == [MSG_SERVICE_REQUEST, MSG_USERAUTH_REQUEST]

@@ -67,10 +67,15 @@ class _PipelinedAuth(AuthHandler):  # type: ignore[misc]
     right after the key exchange: such a key waits for the accept as usual.
     """
 
+    _pipelined = False
+
     def _request_auth(self) -> None:
-        super()._request_auth()
+        # Decided before the service request leaves: on a short path its accept can be read (and, unless pipelined,
+        # answered with a userauth request) before this thread runs on, and a second request after a success is one
+        # the server does not expect (it answers UNIMPLEMENTED, which paramiko prints as "Oops, unhandled type 3").
         key_type, _ = self._get_key_type_and_bits(self.private_key)
         self._pipelined = "rsa" not in key_type or "server-sig-algs" in self.transport.server_extensions
+        super()._request_auth()
         if self._pipelined:
             accepted = paramiko.Message()
             accepted.add_string("ssh-userauth")
@@ -78,7 +83,7 @@ class _PipelinedAuth(AuthHandler):  # type: ignore[misc]
             super()._parse_service_accept(accepted)
 
     def _parse_service_accept(self, message: paramiko.Message) -> None:
-        if not getattr(self, "_pipelined", False):
+        if not self._pipelined:
             super()._parse_service_accept(message)
 
 
