@@ -38,6 +38,11 @@ FILES = 1000
 FULL_TREE_MB = 30.0
 MAX_TRANSFER_SECONDS = 25.0  # a rate-limited profile gets a smaller tree, so one transfer takes about this long
 LOAD_FILE_MB = {"50-20mbit": 24, "50-1mbit-up": 4}
+# Issue 15's targets: at 20 Mbit/s up execute's median stays within 1.5x idle; at 1 Mbit/s up the save arrives and
+# the kernel answers throughout (here: every execute within ANSWERED_WITHIN_SECONDS); on both the link is never
+# declared down.
+MEDIAN_RATIO_TARGET = {"50-20mbit": 1.5}
+ANSWERED_WITHIN_SECONDS = 1.0
 Measure = Callable[[SandboxInfo, Path, str], float]
 
 
@@ -134,8 +139,10 @@ def info_popen(info: SandboxInfo, remote_dir: str, count: int) -> subprocess.Pop
     return subprocess.Popen([*prefix, info.vm_python, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
 
 
-def execute_while_syncing(info: SandboxInfo, scratch: Path, remote_root: str, file_mb: int) -> str:
-    """execute('1') idle, then while a file_mb MB save in the kernel's folder uploads: medians, and the link."""
+def execute_while_syncing(info: SandboxInfo, scratch: Path, remote_root: str, file_mb: int,
+                          median_ratio_target: float | None) -> str:
+    """execute('1') idle, then while a file_mb MB save in the kernel's folder uploads: medians, and the link; the
+    verdict by ``median_ratio_target``, or (None) by every execute answered within ANSWERED_WITHIN_SECONDS."""
     local = scratch / "kernel-folder"
     local.mkdir(parents=True, exist_ok=True)
     specs = install_relay_spec(scratch / "spec", info, remote_root, {"sync_local_dir": str(local)})
@@ -160,13 +167,19 @@ def execute_while_syncing(info: SandboxInfo, scratch: Path, remote_root: str, fi
     finally:
         client.stop_channels()
         km.shutdown_kernel(now=False)
-    arrived = "big.bin arrived" if "big.bin" in mirror.sync.synced else "big.bin NEVER arrived"
+    landed = "big.bin" in mirror.sync.synced
     ratio = statistics.median(busy) / statistics.median(idle) if busy else float("nan")
+    slowest = max(busy, default=float("nan"))
+    if median_ratio_target is not None:
+        target, met = f"median <= {median_ratio_target}x idle", ratio <= median_ratio_target
+    else:
+        target, met = f"every execute answered within {ANSWERED_WITHIN_SECONDS:g} s", slowest <= ANSWERED_WITHIN_SECONDS
+    met = met and landed and not link_lost
     return (f"execute('1') idle median {statistics.median(idle) * 1000:.0f} ms; while a {file_mb} MB save uploads "
-            f"({len(busy)} executes over {upload:.1f} s, {arrived}): "
-            f"median {statistics.median(busy) * 1000:.0f} ms, "
-            f"max {max(busy) * 1000:.0f} ms, ratio {ratio:.2f}x (target <= 1.5x) {'met' if ratio <= 1.5 else 'MISSED'}"
-            f"; link declared down: {'yes' if link_lost else 'never'}")
+            f"({len(busy)} executes over {upload:.1f} s, {'big.bin arrived' if landed else 'big.bin NEVER arrived'}): "
+            f"median {statistics.median(busy) * 1000:.0f} ms, max {slowest * 1000:.0f} ms, ratio {ratio:.2f}x; "
+            f"link declared down: {'yes' if link_lost else 'never'} (target: {target}, the save arrives, the link "
+            f"never down) {'met' if met else 'MISSED'}")
 
 
 def idle_cpu(info: SandboxInfo, local: Path, remote_dir: str, seconds: float) -> tuple[float, float]:
@@ -238,7 +251,7 @@ def run_profile(sandbox: LoopbackSandbox, profile: Profile, scratch: Path, args:
                      f"(target p50 <= 150 ms + 1 RTT = {target * 1000:.0f} ms) {'met' if p50 <= target else 'MISSED'}")
         if profile.name in LOAD_FILE_MB:
             lines.append(execute_while_syncing(info, scratch / f"load-{profile.name}", f"{args.prefix}-load",
-                                               LOAD_FILE_MB[profile.name]))
+                                               LOAD_FILE_MB[profile.name], MEDIAN_RATIO_TARGET.get(profile.name)))
             info.vm_run(["rm", "-rf", f"{args.prefix}-load"])
         shutil.rmtree(tree, ignore_errors=True)
     return lines
