@@ -168,7 +168,8 @@ def execute_while_syncing(info: SandboxInfo, scratch: Path, remote_root: str, fi
         client.stop_channels()
         km.shutdown_kernel(now=False)
     landed = "big.bin" in mirror.sync.synced
-    ratio = statistics.median(busy) / statistics.median(idle) if busy else float("nan")
+    busy_median = statistics.median(busy) if busy else float("nan")  # none: the save landed before one execute
+    ratio = busy_median / statistics.median(idle)
     slowest = max(busy, default=float("nan"))
     if median_ratio_target is not None:
         target, met = f"median <= {median_ratio_target}x idle", ratio <= median_ratio_target
@@ -177,7 +178,7 @@ def execute_while_syncing(info: SandboxInfo, scratch: Path, remote_root: str, fi
     met = met and landed and not link_lost
     return (f"execute('1') idle median {statistics.median(idle) * 1000:.0f} ms; while a {file_mb} MB save uploads "
             f"({len(busy)} executes over {upload:.1f} s, {'big.bin arrived' if landed else 'big.bin NEVER arrived'}): "
-            f"median {statistics.median(busy) * 1000:.0f} ms, max {slowest * 1000:.0f} ms, ratio {ratio:.2f}x; "
+            f"median {busy_median * 1000:.0f} ms, max {slowest * 1000:.0f} ms, ratio {ratio:.2f}x; "
             f"link declared down: {'yes' if link_lost else 'never'} (target: {target}, the save arrives, the link "
             f"never down) {'met' if met else 'MISSED'}")
 
