@@ -3,6 +3,7 @@ is answered while that output is still arriving, and every byte of it arrives (b
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 from typing import Any
@@ -35,32 +36,7 @@ def test_a_big_print_opens_the_window_and_a_control_request_is_answered_meanwhil
     with LinkEmulator(topology.relay_port, delay_ms=75) as emulator:
         laptop = through_link(topology, emulator, tmp_path / "laptop")
         with running_kernel(tmp_path, relay_config(laptop, tmp_path)) as (km, client):
-            code = f"_c = 'x' * (1 << 20)\nfor _ in range({MIB}):\n    print(_c, end='', flush=True)\ndel _c"
-            execute_id = client.execute(code)
-            received, control_id, answered_at, idle = 0, None, None, False
-            deadline = time.monotonic() + DEADLINE_SECONDS
-            while not idle and time.monotonic() < deadline:
-                if control_id is None and received:  # output is flowing: ask the kernel's control thread
-                    request = client.session.msg("kernel_info_request")
-                    client.control_channel.send(request)
-                    control_id = request["header"]["msg_id"]
-                if control_id is not None and answered_at is None:
-                    try:
-                        reply = client.get_control_msg(timeout=0)
-                    except queue.Empty:
-                        pass
-                    else:
-                        assert reply["parent_header"]["msg_id"] == control_id
-                        answered_at = received
-                try:
-                    message = client.get_iopub_msg(timeout=0.02)
-                except queue.Empty:
-                    continue
-                if message["parent_header"].get("msg_id") != execute_id:
-                    continue
-                if message["msg_type"] == "stream":
-                    received += len(message["content"]["text"])
-                idle = message["msg_type"] == "status" and message["content"]["execution_state"] == "idle"
+            received, answered_at, idle = print_asking_control_meanwhile(client, MIB)
             assert idle, f"the print did not end within {DEADLINE_SECONDS:.0f} s ({received} bytes arrived)"
             assert received == MIB << 20, "every printed byte arrives, once"
             assert answered_at is not None and answered_at < MIB << 20, (
@@ -69,3 +45,32 @@ def test_a_big_print_opens_the_window_and_a_control_request_is_answered_meanwhil
             channel, size = applied[-1]
             assert channel.in_window_size == size, "the channel's window is the one the link set last"
             assert client.get_shell_msg(timeout=30)["content"]["status"] == "ok"
+
+
+def print_asking_control_meanwhile(client: Any, mib: int) -> tuple[int, int | None, bool]:
+    """Print ``mib`` MiB; once its output flows, send a kernel_info request on control. The bytes that arrived, how
+    many had when the control reply came (None: it never did), and whether the cell ended in time."""
+    code = f"_c = 'x' * (1 << 20)\nfor _ in range({mib}):\n    print(_c, end='', flush=True)\ndel _c"
+    execute_id = client.execute(code)
+    received, control_id, answered_at, idle = 0, None, None, False
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not idle and time.monotonic() < deadline:
+        if control_id is None and received:
+            request = client.session.msg("kernel_info_request")
+            client.control_channel.send(request)
+            control_id = request["header"]["msg_id"]
+        elif control_id is not None and answered_at is None:
+            with contextlib.suppress(queue.Empty):
+                reply = client.get_control_msg(timeout=0)
+                assert reply["parent_header"]["msg_id"] == control_id
+                answered_at = received
+        try:
+            message = client.get_iopub_msg(timeout=0.02)
+        except queue.Empty:
+            continue
+        if message["parent_header"].get("msg_id") != execute_id:
+            continue
+        if message["msg_type"] == "stream":
+            received += len(message["content"]["text"])
+        idle = message["msg_type"] == "status" and message["content"]["execution_state"] == "idle"
+    return received, answered_at, idle
