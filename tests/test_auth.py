@@ -1,4 +1,5 @@
-"""Logging in: ssh-agent keys leave no agent connection open; pipelined requests survive refusals and RSA keys."""
+"""Logging in: ssh-agent keys leave no agent connection open; pipelined requests survive refusals, RSA keys and an
+accept read at once."""
 
 from __future__ import annotations
 
