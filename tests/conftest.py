@@ -81,6 +81,12 @@ def _is_pool_worker(thread: threading.Thread) -> bool:
     return thread.name.startswith("asyncio_")
 
 
+@pytest.fixture
+def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log in with the topology's key alone: a developer's ssh-agent would offer its own keys first."""
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leaks() -> Iterator[None]:
     """Fail a test that leaves threads running past a short grace; threads that predate it are ignored."""

@@ -35,11 +35,6 @@ MARKER = "RELAYKERNEL_NOTEBOOK_MARKER"
 
 
 @pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
-@pytest.fixture
 def vm(tmp_path):
     topology = CellTopology().start()
     yield topology

@@ -34,11 +34,6 @@ VM_KERNELS = ".relaykernel/run/"
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 
 
-@pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
 @dataclass
 class Spec:
     """The relay kernelspec installed for one launch path, in Jupyter dirs of its own."""

@@ -18,11 +18,6 @@ from helpers import VM_ALIAS, write_ssh_config
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 
 
-@pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
 def relaykernel(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "relaykernel", *args], capture_output=True, text=True, timeout=120,
                           check=False, env=env)

@@ -16,11 +16,6 @@ pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 FAIL_FAST_SECONDS = 15.0
 
 
-@pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
 def start_expecting(topology, tmp_path: Path, error_type: type, *fragments: str, **overrides) -> str:
     """Start a kernel that must fail; check the error's type, text, timing and that nothing is left."""
     config = relay_config(topology, tmp_path, **overrides)

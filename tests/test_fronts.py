@@ -60,11 +60,6 @@ for run_dir in glob.glob(os.path.expanduser("~/.relaykernel/run/*/")):
 
 
 @pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
-@pytest.fixture
 def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A JUPYTER_CONFIG_DIR holding ``c.RelayOptions.lease_seconds = 42``, for this process and its children."""
     directory = tmp_path / "jupyter-config"

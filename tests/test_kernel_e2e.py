@@ -30,11 +30,6 @@ pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 
 
 @pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
-@pytest.fixture
 def running(topology, tmp_path):
     """A started relay kernel and its client; shut down (and checked for leftovers) after the test."""
     config = relay_config(topology, tmp_path)

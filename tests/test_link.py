@@ -12,11 +12,6 @@ pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 
 
 @pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
-@pytest.fixture
 def own_topology(topology_class):
     """A topology of this test's own, since the test cuts its tunnel."""
     sandbox = topology_class()

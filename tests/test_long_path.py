@@ -16,13 +16,9 @@ from linkemu import LinkEmulator, through_link
 from relaykernel.pacing import INITIAL_BYTES
 from relaykernel.ssh.window import resize_receive_window
 
+pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 MIB = 32  # at 150 ms a 2 MiB window alone would take about 2.5 s for this: the sizer has to open it
 DEADLINE_SECONDS = 120.0
-
-
-@pytest.fixture(autouse=True)
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
 
 
 def test_a_big_print_opens_the_window_and_a_control_request_is_answered_meanwhile(topology, tmp_path, monkeypatch):

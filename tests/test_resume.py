@@ -32,11 +32,6 @@ FAST_LINK = {"liveness_interval_seconds": 0.5, "link_timeout_seconds": 2.0, "com
              "connect_timeout_seconds": 3.0, "reconnect_max_backoff_seconds": 1.0}
 
 
-@pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
 @dataclass
 class Path_:
     """The topology, the emulator in front of its relay, and the SandboxInfo that goes through the emulator."""

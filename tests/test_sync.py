@@ -38,11 +38,6 @@ VISIBLE_SECONDS = 5.0
 
 
 @pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
-@pytest.fixture
 def chain(topology, tmp_path) -> Iterator[SSHChain]:
     chain = build_chain(RelayOptions(**relay_config(topology, tmp_path)))
     chain.connect()

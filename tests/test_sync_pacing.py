@@ -22,11 +22,6 @@ from test_sync import write
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 
 
-@pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0

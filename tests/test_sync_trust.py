@@ -25,7 +25,7 @@ from test_sync import visible, vm_tree, write
 
 pytestmark = pytest.mark.usefixtures("no_ssh_agent")
 SECONDS = 10.0
-chain, no_ssh_agent = test_sync.chain, test_sync.no_ssh_agent  # the same fixtures
+chain = test_sync.chain  # the same fixture
 
 
 @pytest.fixture

@@ -27,11 +27,6 @@ REMOTE_KERNELS = ".relaykernel/run/"
 AT_ONCE_SECONDS = 5.0
 
 
-@pytest.fixture
-def no_ssh_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
 def install_for_vscode(tmp_path: Path, config: dict) -> Path:
     """Install a relay kernelspec the way `relaykernel install` does; its directory."""
     spec = build_kernel_json(display_name=f"Relay {tmp_path.name}", config=config)
